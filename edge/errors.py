@@ -1,0 +1,72 @@
+"""The few exceptions the library raises.
+
+Their messages are shown to the user as they are: one line naming what was wrong and what to
+do. The CLI, the bridge and the server translate them into exit codes, protocol error codes or
+HTTP statuses at their edge; nothing inside the library prints.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base class. ``exit_code`` is the CLI's exit status for this kind of failure."""
+
+    exit_code = 1
+    code = "internal"  # bridge protocol error code
+
+
+class UsageError(EdgeError):
+    """The request itself is wrong: an unknown model name, a bad option, an output that exists."""
+
+    exit_code = 2
+    code = "invalid_request"
+
+
+class InputError(EdgeError):
+    """A file the user gave is unusable: a bundle, a checkpoint, an image, a model file."""
+
+    exit_code = 3
+    code = "invalid_request"
+
+
+class IntegrityError(InputError):
+    """A file does not match what its manifest says (hash, size, header). Names the file."""
+
+
+class ResourceError(EdgeError):
+    """The device can't do it within its limits: memory, disk, context length, image size."""
+
+    exit_code = 4
+    code = "out_of_memory"
+
+
+class TooLargeError(ResourceError):
+    """An input exceeds a configured limit (image pixels, file size, prompt tokens)."""
+
+    code = "too_large"
+
+
+class Cancelled(EdgeError):
+    """The caller cancelled the work."""
+
+    exit_code = 130
+    code = "cancelled"
+
+
+class MissingDependency(EdgeError):
+    """An optional extra is not installed; the message says which one to install."""
+
+    exit_code = 2
+    code = "internal"
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise MissingDependency naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(
+            f"this needs '{module}', which is not installed: pip install 'medgemma-edge[{extra}]'"
+        ) from exc

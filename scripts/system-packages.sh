@@ -1,0 +1,13 @@
+#!/bin/sh
+# Debian packages the tests need. Installed once per .venv (make keeps a stamp); needs root or sudo.
+set -eu
+PKGS=""
+missing=""
+for p in $PKGS; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
