@@ -39,3 +39,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+# Fixtures of each export pipeline live beside their tests; registered here so every test sees them.
+pytest_plugins = ["fixtures_gguf", "fixtures_onnx"]

@@ -1,0 +1,1 @@
+"""Fixtures for the GGUF export (tiny MedGemma twin bundle)."""

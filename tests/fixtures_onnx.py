@@ -1,0 +1,1 @@
+"""Fixtures for the ONNX export (tiny MedSigLIP twin bundle)."""
