@@ -40,8 +40,14 @@ class ResourceError(EdgeError):
     code = "out_of_memory"
 
 
-class TooLargeError(ResourceError):
-    """An input exceeds a configured limit (image pixels, file size, prompt tokens)."""
+class TooLargeError(InputError):
+    """An input exceeds a configured limit (image pixels, file or request size). Exit 3."""
+
+    code = "too_large"
+
+
+class ContextOverflow(ResourceError):
+    """A prompt (with its images) needs more tokens than the context holds. Exit 4."""
 
     code = "too_large"
 
