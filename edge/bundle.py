@@ -198,16 +198,21 @@ class Bundle:
         *,
         component: str | None = None,
         roles: set[str] | None = None,
+        paths: set[str] | None = None,
         trust_stamp: bool = True,
         progress: Progress | None = None,
     ) -> VerifyReport:
-        """Check every file (or those of ``component``/``roles``): size, sha256, header.
+        """Check every file (or those of ``component``/``roles``/``paths``): size, sha256, header.
 
         A file whose size and mtime match the stamp an earlier successful verify wrote is not
         re-hashed (``trust_stamp=False`` forces it); its header is still parsed. The stamp is
         updated for every file that passes.
         """
-        entries = [f for f in self.files(component) if roles is None or f["role"] in roles]
+        entries = [
+            f
+            for f in self.files(component)
+            if (roles is None or f["role"] in roles) and (paths is None or f["path"] in paths)
+        ]
         stamp = self._read_stamp() if trust_stamp else {}
         total = sum(f["bytes"] for f in entries)
         done = 0

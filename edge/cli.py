@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "export": "export.cli",
     "import": "export.cli",
     "verify": "edge.commands",
+    "ask": "edge.ask",
     "demo": "edge.demo",
 }
 

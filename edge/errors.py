@@ -52,6 +52,13 @@ class ContextOverflow(ResourceError):
     code = "too_large"
 
 
+class Busy(EdgeError):
+    """The model is serving another request and the caller asked not to wait."""
+
+    exit_code = 4
+    code = "busy"
+
+
 class Cancelled(EdgeError):
     """The caller cancelled the work."""
 

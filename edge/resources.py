@@ -1,0 +1,120 @@
+"""What the device can hold: available memory, and what a model + context will need.
+
+Checked *before* loading, so a device that can't hold a bundle gets a clear refusal (exit 4)
+instead of being killed by the OOM killer halfway through a load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.gguf_header import GGUFHeader
+
+_KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+BUDGET_ENV = "MEDGEMMA_EDGE_MEMORY_BUDGET"  # e.g. "3.5G": never plan to use more than this
+
+
+def parse_bytes(text: str) -> int:
+    """'3.5G', '512M', '1024' -> bytes (binary units)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: MemAvailable, capped by a cgroup limit and by
+    $MEDGEMMA_EDGE_MEMORY_BUDGET when those are lower."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(path).read_text().strip()
+            if raw.isdigit():
+                used = int(
+                    Path(path.replace("max", "current").replace("limit_in_bytes", "usage_in_bytes"))
+                    .read_text()
+                    .strip()
+                )
+                avail = min(avail, int(raw) - used)
+        except OSError:
+            continue
+    if budget := os.environ.get(BUDGET_ENV):
+        avail = min(avail, parse_bytes(budget))
+    return avail
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    projector: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.projector + self.overhead
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (
+            f"{self.total / gib:.2f} GiB (weights {self.weights / gib:.2f} + KV cache {self.kv_cache / gib:.2f}"
+            f" + projector {self.projector / gib:.2f} + buffers {self.overhead / gib:.2f})"
+        )
+
+
+def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", swa_full: bool = True) -> int:
+    """K and V for every layer at ``n_ctx`` (sliding-window layers hold only their window
+    unless ``swa_full``)."""
+    n_layer = int(header.arch_key("block_count", 0))
+    n_kv_heads = header.arch_key("attention.head_count_kv", 0)
+    n_kv_heads = max(n_kv_heads) if isinstance(n_kv_heads, list) else int(n_kv_heads)
+    k_len = int(header.arch_key("attention.key_length", 0) or 0)
+    v_len = int(header.arch_key("attention.value_length", 0) or k_len)
+    if not k_len:
+        n_embd, n_head = (
+            int(header.arch_key("embedding_length", 0)),
+            int(header.arch_key("attention.head_count", 1)),
+        )
+        k_len = v_len = n_embd // max(n_head, 1)
+    window = int(header.arch_key("attention.sliding_window", 0) or 0)
+    per_token_layer = n_kv_heads * (k_len + v_len) * _KV_BYTES.get(kv_type, 2.0)
+    if window and not swa_full and header.architecture.startswith("gemma3"):
+        n_global = n_layer // 6
+        cells = n_global * n_ctx + (n_layer - n_global) * min(n_ctx, window)
+    else:
+        cells = n_layer * n_ctx
+    return int(cells * per_token_layer)
+
+
+def estimate(
+    text: Path,
+    header: GGUFHeader,
+    *,
+    mmproj: Path | None,
+    n_ctx: int,
+    kv_type: str = "f16",
+    n_batch: int = 512,
+) -> MemoryEstimate:
+    """Peak RSS estimate of a loaded model: weights (mmapped, all touched) + KV + projector +
+    compute buffers (logits for a batch and activations, ~n_batch × (vocab + 8 × n_embd) floats)."""
+    vocab = header.vocab_size or 0
+    n_embd = int(header.arch_key("embedding_length", 0) or 0)
+    overhead = 4 * n_batch * (vocab + 8 * n_embd) + (64 << 20)
+    return MemoryEstimate(
+        weights=text.stat().st_size,
+        kv_cache=kv_cache_bytes(header, n_ctx, kv_type),
+        projector=int(mmproj.stat().st_size * 1.3) if mmproj else 0,  # weights + image compute buffers
+        overhead=overhead,
+    )
