@@ -68,6 +68,17 @@ _TYPE_SIZE = {
 _MAX_ARRAY_KEEP = 64  # arrays longer than this keep only their length (vocabularies are 262k long)
 
 
+def tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int:
+    """Bytes a tensor of ``shape`` and ggml type id takes in the file (0 for an unknown type)."""
+    if ggml_type not in _TYPE_SIZE:
+        return 0
+    bsize, bels = _TYPE_SIZE[ggml_type]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // bels * bsize
+
+
 @dataclass
 class GGUFHeader:
     path: Path
@@ -156,11 +167,7 @@ def read_header(path: str | Path) -> GGUFHeader:
             ttype, offset = r.scalar("<I"), r.scalar("<Q")
             tensors[name] = (shape, ttype)
             if ttype in _TYPE_SIZE:
-                bsize, bels = _TYPE_SIZE[ttype]
-                n = 1
-                for d in shape:
-                    n *= d
-                end = max(end, offset + n // bels * bsize)
+                end = max(end, offset + tensor_bytes(shape, ttype))
             else:
                 known = False
         align = int(meta.get("general.alignment", 32))
