@@ -235,7 +235,9 @@ class Bundle:
                 continue
             key = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry["sha256"]}
             if stamp.get(entry["path"]) != key:
-                digest = sha256_file(path, (lambda d, t, b=done: progress(b + d, total)) if progress else None)
+                digest = sha256_file(
+                    path, (lambda d, t, b=done: progress(b + d, total)) if progress else None
+                )
                 rep.hashed = True
                 if digest != entry["sha256"]:
                     rep.error = f"sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}…"
@@ -384,13 +386,24 @@ class BundleWriter:
     the current bundle is untouched.
     """
 
-    def __init__(self, root: str | os.PathLike, component: str, *, progress: Progress | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        component: str,
+        *,
+        update: bool = False,
+        progress: Progress | None = None,
+    ):
+        """``update=True`` keeps the component's current files and fields and adds to them (a file
+        written at an existing path replaces it); the default replaces the whole component."""
         if component not in COMPONENTS:
             raise UsageError(f"unknown bundle component {component!r} (known: {', '.join(COMPONENTS)})")
         self.root = Path(root).absolute()
         self.name = component
         self.component: dict[str, Any] = {}
         self._files: list[dict] = []
+        self._kept: list[dict] = []
+        self._update = update
         self._progress = progress
         self._stack = contextlib.ExitStack()
         self.staging: Path | None = None
@@ -407,6 +420,10 @@ class BundleWriter:
             if any(self.root.iterdir()):
                 raise UsageError(f"{self.root} exists and is not a bundle; choose another --bundle path")
         self._stack.enter_context(_locked(self.root))
+        if self._update:
+            old = open_bundle(self.root).component(self.name)
+            self.component = json.loads(json.dumps({k: v for k, v in old.items() if k != "files"}))
+            self._kept = list(old["files"])
         self.staging = parent / f".{self.root.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
         self.staging.mkdir()
         self._stack.callback(lambda: shutil.rmtree(self.staging, ignore_errors=True))
@@ -451,7 +468,11 @@ class BundleWriter:
                 for f in comp["files"]:
                     _link_or_copy(old.path(f), self.staging / f["path"])
                 components[name] = comp
-        components[self.name] = {**self.component, "files": self._files}
+            new_paths = {f["path"] for f in self._files}
+            self._kept = [f for f in self._kept if f["path"] not in new_paths]
+            for f in self._kept:
+                _link_or_copy(old.path(f), self.staging / f["path"])
+        components[self.name] = {**self.component, "files": self._kept + self._files}
         manifest = {
             "format": FORMAT,
             "created": created,

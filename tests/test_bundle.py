@@ -103,3 +103,17 @@ def test_refuses_non_bundle_directory(tmp_path):
     (root / "precious.txt").write_text("x")
     with pytest.raises(UsageError, match="not a bundle"):
         _write(root)
+
+
+def test_update_adds_to_a_component(tmp_path):
+    root = tmp_path / "B"
+    _write(root, "medgemma", b"text")
+    with bundle.BundleWriter(root, "medgemma", update=True) as w:
+        w.path("medgemma/extra.bin").write_bytes(b"extra")
+        w.add_file("medgemma/extra.bin", role="extra")
+        w.component["note"] = "added"
+    b = bundle.open_bundle(root)
+    comp = b.component("medgemma")
+    assert [f["path"] for f in comp["files"]] == ["medgemma/a.bin", "medgemma/extra.bin"]
+    assert comp["source"]["description"] == "unit test" and comp["note"] == "added"
+    assert b.verify().ok
