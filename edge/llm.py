@@ -132,6 +132,7 @@ class MedGemma:
         image_cache: ImageCache | None = None,
         check_memory: bool = True,
         seed: int = 0,
+        image_encoder: str = "auto",
     ):
         from llama_cpp import LLAMA_FLASH_ATTN_TYPE_DISABLED, LLAMA_FLASH_ATTN_TYPE_ENABLED, Llama
 
@@ -140,7 +141,22 @@ class MedGemma:
         comp = self.bundle.component("medgemma")
         text_entry = self.bundle.file("medgemma", "text", **({"quant": quant} if quant else {}))
         mmproj_entries = [f for f in comp["files"] if f["role"] == "mmproj"] if vision else []
-        wanted = {text_entry["path"]} | {e["path"] for e in mmproj_entries[:1]}
+        onnx_entries = (
+            sorted(
+                (f for f in comp["files"] if f["role"] == "vision-onnx"),
+                key=lambda f: f.get("precision") != "int8",
+            )
+            if vision
+            else []
+        )
+        if image_encoder not in ("auto", "mmproj", "onnx"):
+            raise UsageError(f"unknown image encoder {image_encoder!r} (auto, mmproj or onnx)")
+        if image_encoder == "onnx" and not onnx_entries:
+            raise InputError(f"bundle {self.bundle.root} has no ONNX image encoder (medgemma/vision-*.onnx)")
+        if image_encoder == "mmproj":
+            onnx_entries = []
+        self.vision_entry = onnx_entries[0] if onnx_entries else None
+        wanted = {text_entry["path"]} | {e["path"] for e in mmproj_entries[:1] + onnx_entries[:1]}
         self.bundle.verify(component="medgemma", paths=wanted).raise_for_failure()
         if kv_type not in _KV_TYPES:
             raise UsageError(f"unknown KV cache type {kv_type!r} (one of {', '.join(_KV_TYPES)})")
@@ -208,6 +224,16 @@ class MedGemma:
             **comp.get("defaults", {}),
         }
         self.image_cache = image_cache if image_cache is not None else ImageCache()
+        self.vision_session = None
+        if self.vision_entry is not None and self.mtmd is not None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.n_threads
+            self.vision_session = ort.InferenceSession(
+                str(self.bundle.path(self.vision_entry)), so, providers=["CPUExecutionProvider"]
+            )
+        self._images_by_key: dict[str, LoadedImage] = {}
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         self.info = {
@@ -215,6 +241,7 @@ class MedGemma:
             "text": text_entry["path"],
             "quant": text_entry.get("quant"),
             "mmproj": self.mmproj_entry["path"] if self.mmproj_entry else None,
+            "image_encoder": self.vision_entry["path"] if self.vision_session else "mmproj (llama.cpp)",
             "n_ctx": self.n_ctx,
             "source": comp.get("source", {}).get("description") or comp.get("source", {}).get("model_id"),
             "synthetic": bool(comp.get("source", {}).get("synthetic")),
@@ -256,7 +283,22 @@ class MedGemma:
         return prompting.render(self.template, msgs, bos_token=bos, eos_token=eos), n_images
 
     def _image_key(self, image: LoadedImage) -> str:
-        return f"{image.key[:32]}-{self.mmproj_entry['sha256'][:16]}"
+        encoder = self.vision_entry if self.vision_session is not None else self.mmproj_entry
+        return f"{image.key[:32]}-{encoder['sha256'][:16]}"
+
+    def _encode_onnx(self, image: LoadedImage, n_tok: int, n_embd: int) -> np.ndarray:
+        """The ONNX tower + projector's embeddings for one image: [n_tok, n_embd] float32."""
+        from edge.siglip_preprocess import ImageSpec, image_to_pixels
+
+        spec = ImageSpec.from_json(self.vision_entry["preprocess"])
+        pixels = image_to_pixels(image.image, spec)[None]  # [1, 3, S, S]
+        out = self.vision_session.run(None, {"pixel_values": pixels})[0][0]  # [T, n_embd]
+        if out.shape != (n_tok, n_embd):
+            raise InputError(
+                f"{self.vision_entry['path']} gives {out.shape} embeddings; llama.cpp expects "
+                f"({n_tok}, {n_embd}): the encoder does not belong to this model"
+            )
+        return out
 
     def _tokenize_mtmd(self, text: str, images: Sequence[LoadedImage]):
         import llama_cpp.mtmd_cpp as mtmd_cpp
@@ -270,6 +312,7 @@ class MedGemma:
                 if not bm:
                     raise InputError("llama.cpp could not take this image (bitmap init failed)")
                 mtmd_cpp.mtmd_bitmap_set_id(bm, self._image_key(im).encode())
+                self._images_by_key[self._image_key(im)] = im
                 bitmaps.append(bm)
             raw = text.encode("utf-8")
             inp = mtmd_cpp.mtmd_input_text()
@@ -319,10 +362,13 @@ class MedGemma:
             embd = self.image_cache.get(key)
             if embd is None:
                 t0 = time.perf_counter()
-                if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
-                    raise InputError("llama.cpp failed to encode the image")
-                out = mtmd_cpp.mtmd_get_output_embd(self.mtmd)
-                embd = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).copy().reshape(n_tok, n_embd)
+                if self.vision_session is not None:
+                    embd = self._encode_onnx(self._images_by_key[key], n_tok, n_embd)
+                else:
+                    if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
+                        raise InputError("llama.cpp failed to encode the image")
+                    out = mtmd_cpp.mtmd_get_output_embd(self.mtmd)
+                    embd = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).copy().reshape(n_tok, n_embd)
                 self.image_cache.put(key, embd)
                 stats["image_encode_s"] += time.perf_counter() - t0
                 stats["image_cache_misses"] += 1
@@ -372,6 +418,7 @@ class MedGemma:
             self._eval_chunks(chunks, cancel, progress, stats)
         finally:
             mtmd_cpp.mtmd_input_chunks_free(chunks)
+            self._images_by_key.clear()
         return self.llama.input_ids[: self.llama.n_tokens].tolist()
 
     def _check_context(self, n_prompt: int, n_images: int) -> None:
