@@ -27,6 +27,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-cache", type=Path, help="also keep encoded images in this directory (size-bounded)"
     )
+    p.add_argument(
+        "--image-encoder",
+        default="auto",
+        choices=("auto", "mmproj", "onnx"),
+        help="auto: the bundle's ONNX image encoder when it has one (faster), else llama.cpp's mmproj",
+    )
 
 
 def add_ask_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +78,7 @@ def open_model(args: argparse.Namespace):
         kv_type=args.kv_type,
         use_mmap=not args.no_mmap,
         image_cache=cache,
+        image_encoder=args.image_encoder,
     )
 
 
