@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "import": "export.cli",
     "verify": "edge.commands",
     "ask": "edge.ask",
+    "bench": "edge.bench",
     "demo": "edge.demo",
 }
 

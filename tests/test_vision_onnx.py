@@ -1,0 +1,68 @@
+"""MedGemma's fast image path: the vision tower + projector as ONNX, fed to llama.cpp."""
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge.images import load_image
+from edge.llm import GenerateOptions, MedGemma
+
+
+@pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory, twin_llm_bundle, medgemma_twin):
+    from export.medgemma_vision import export_vision_onnx
+
+    out = tmp_path_factory.mktemp("vision") / "b"
+    shutil.copytree(twin_llm_bundle, out)
+    export_vision_onnx(medgemma_twin, bundle=out, precisions="fp32,int8")
+    return out
+
+
+def _image(seed: int):
+    buf = io.BytesIO()
+    # already at the tiny twin's 128 px: both paths see the same pixels, no resampling in between
+    Image.fromarray((np.random.RandomState(seed).rand(128, 128, 3) * 255).astype("uint8")).save(buf, "PNG")
+    return load_image(buf.getvalue())
+
+
+def _embeddings(bundle, encoder: str, image) -> tuple[np.ndarray, list[int]]:
+    with MedGemma(bundle, n_ctx=256, image_encoder=encoder) as m:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+        m._prefill(msgs, [image], None, None, {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0})
+        (embd,) = m.image_cache._mem.values()
+        pieces = list(m.stream(msgs, images=[image], options=GenerateOptions(max_tokens=6, stop=[])))
+        n_prompt = pieces[-1].usage["prompt_tokens"]
+        generated = m.llama.input_ids[n_prompt : m.llama.n_tokens].tolist()  # image positions hold no ids
+    return embd, generated + [pieces[-1].usage["completion_tokens"]]
+
+
+def test_export_records_fidelity_and_verifies(vision_bundle):
+    from edge.bundle import open_bundle
+
+    b = open_bundle(vision_bundle)
+    entries = {f["precision"]: f for f in b.files("medgemma") if f["role"] == "vision-onnx"}
+    assert set(entries) == {"fp32", "int8"}
+    assert entries["fp32"]["fidelity"]["cosine_min"] >= 0.99999
+    assert entries["int8"]["fidelity"]["cosine_min"] >= 0.99
+    assert b.verify().ok  # the GGUF files kept their place; the new files are hashed
+
+
+def test_onnx_and_mmproj_paths_agree(vision_bundle):
+    image = _image(3)
+    a, ids_a = _embeddings(vision_bundle, "mmproj", image)
+    b, ids_b = _embeddings(vision_bundle, "onnx", image)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.99, cos.min()
+    assert ids_a == ids_b  # same prompt, same greedy continuation
+
+
+def test_onnx_path_caches_like_the_mmproj_path(vision_bundle):
+    with MedGemma(vision_bundle, n_ctx=256, image_encoder="onnx") as m:
+        assert m.info["image_encoder"] == "medgemma/vision-int8.onnx"
+        image = _image(4)
+        first = m.ask("Describe.", images=[image], options=GenerateOptions(max_tokens=2))
+        second = m.ask("More?", images=[image], options=GenerateOptions(max_tokens=2))
+    assert first.image_cache == {"hits": 0, "misses": 1} and second.image_cache == {"hits": 1, "misses": 0}
