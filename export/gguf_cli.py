@@ -57,6 +57,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         "--model", default=None, help="registry id for licence and prompt (default: from the checkpoint)"
     )
     p.add_argument("--no-fidelity", action="store_true", help="skip the llama.cpp vs transformers comparison")
+    p.add_argument(
+        "--vision-onnx",
+        default="",
+        help="also export the image encoder (vision tower + projector) to ONNX: comma list of int8,fp32; "
+        "the runtime prefers it to the mmproj (faster on CPUs)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON report on stdout")
     p.set_defaults(func=run_export)
@@ -79,12 +85,17 @@ def run_export(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=bars,
         )
+        vision = []
+        if args.vision_onnx:
+            from export.medgemma_vision import export_vision_onnx
+
+            vision = export_vision_onnx(args.src, bundle=args.bundle, precisions=args.vision_onnx)
     if args.json:
         emit_json(
             {
                 "ok": True,
                 "bundle": str(r.bundle),
-                "files": r.files,
+                "files": r.files + vision,
                 "fidelity": r.fidelity,
                 "steps": r.steps,
                 "seconds": r.seconds,
@@ -105,6 +116,11 @@ def run_export(args: argparse.Namespace) -> int:
             print(
                 f"  mmproj {t:<6} image embeddings cosine {row['cosine']:.6f} (worst token {row['cosine_min_token']:.6f})"
             )
+    for f in vision:
+        fid = f["fidelity"]
+        print(
+            f"{f['path']:<32} {f['bytes']:>14,d} B  image embeddings cosine vs transformers: min {fid['cosine_min']:.5f}"
+        )
     print(f"bundle {r.bundle}: medgemma component written in {r.seconds:.1f}s")
     return 0
 

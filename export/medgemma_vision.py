@@ -31,33 +31,54 @@ PRECISIONS = ("fp32", "int8")
 ROLE = "vision-onnx"
 
 
+_PREFIXES = {  # checkpoint name prefix (either layout transformers saves) -> our module's
+    "vision_tower.": "vision_tower.",
+    "model.vision_tower.": "vision_tower.",
+    "multi_modal_projector.": "multi_modal_projector.",
+    "model.multi_modal_projector.": "multi_modal_projector.",
+}
+
+
 def _load_reference(src: Path):
+    """The vision tower + projector only (0.4B parameters, ~1.7 GB in fp32), with the
+    checkpoint's weights: loading the whole 4B model in fp32 would need ~17 GB."""
     torch = require("torch", "export")
     transformers = require("transformers", "export")
-    cfg = json.loads((src / "config.json").read_text())
-    if "Gemma3ForConditionalGeneration" not in cfg.get("architectures", []):
+    from safetensors import safe_open
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    cfg_json = json.loads((src / "config.json").read_text())
+    if "Gemma3ForConditionalGeneration" not in cfg_json.get("architectures", []):
         raise InputError(f"{src}: not a Gemma3ForConditionalGeneration checkpoint")
-    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(
-        src, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    return model
+    config = transformers.Gemma3Config.from_pretrained(src)
+    config.vision_config._attn_implementation = "eager"  # the pattern onnxruntime's fusion recognises
 
+    class VisionOnly(torch.nn.Module):
+        """What Gemma3Model.get_image_features computes: the tower, then the pooling projector."""
 
-class _ImageFeatures:
-    """pixel_values → projected image embeddings, as a torch module (built lazily: torch)."""
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.vision_tower = transformers.SiglipVisionModel(config.vision_config)
+            self.multi_modal_projector = Gemma3MultiModalProjector(config)
 
-    def __new__(cls, model):
-        import torch
+        def forward(self, pixel_values):  # [B, 3, S, S] -> [B, T, n_embd]
+            return self.multi_modal_projector(self.vision_tower(pixel_values=pixel_values).last_hidden_state)
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, pixel_values):  # [B, 3, S, S] -> [B, T, n_embd]
-                return self.m.model.get_image_features(pixel_values)
-
-        return Wrapper(model).eval()
+    model = VisionOnly()
+    state = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    state[_PREFIXES[prefix] + key[len(prefix) :]] = f.get_tensor(key).float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"{src}: vision weights don't match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval()
 
 
 def preprocess_spec(src: Path, model) -> dict:
@@ -143,7 +164,7 @@ def export_vision_onnx(
     open_bundle(bundle).component("medgemma")  # fails early, naming the bundle
     t0 = time.perf_counter()
     model = _load_reference(src)
-    wrapper = _ImageFeatures(model)
+    wrapper = model
     vc = model.config.vision_config
     spec = preprocess_spec(src, model)
     entries = []
