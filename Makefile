@@ -8,7 +8,7 @@ BIN         := $(VENV)/bin
 LLAMA_CPP   := 0.3.36
 PIP_CACHE   := $(shell $(PY) -m pip cache dir 2>/dev/null || echo $$HOME/.cache/pip)
 WHEELHOUSE  := $(PIP_CACHE)/medgemma-edge-wheels
-EXTRAS      := export,dicom,demo,dev
+EXTRAS      := export,dicom,demo,serve,dev
 DEPS_STAMP  := $(VENV)/.deps-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 SYS_STAMP   := $(VENV)/.system-packages
 PYTEST_ARGS ?=
@@ -45,7 +45,7 @@ wheelhouse: $(BIN)/python
 	  mkdir -p $(WHEELHOUSE) && $(BIN)/pip wheel --no-deps -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP); \
 	fi
 
-$(SYS_STAMP): | $(BIN)/python
+$(SYS_STAMP): scripts/system-packages.sh | $(BIN)/python
 	sh scripts/system-packages.sh
 	touch $@
 

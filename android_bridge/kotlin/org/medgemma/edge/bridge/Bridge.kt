@@ -1,0 +1,115 @@
+package org.medgemma.edge.bridge
+
+import java.io.File
+import org.json.JSONObject
+
+/** An error reply: a protocol error code, its message, and seconds to wait (loading, busy). */
+data class BridgeError(val code: String, val message: String, val retryAfter: Double?)
+
+/** How a request ended: the `done` reply, with the result or error that came before it. */
+data class Outcome(
+    val finishReason: String,
+    val usage: JSONObject,
+    val timings: JSONObject,
+    val result: JSONObject?,
+    val error: BridgeError?
+)
+
+/**
+ * Kotlin face of [BridgeClient]: lambdas for the streaming callbacks, [Outcome] for the end.
+ *
+ * Kotlin 1.3 level and no coroutines library, so it builds with the same toolchain as the Java
+ * client; call these from a worker thread (or wrap them in `withContext(Dispatchers.IO)` in an
+ * app that has coroutines). [cancel] may be called from any thread, e.g. from inside onToken.
+ */
+class Bridge(val client: BridgeClient) {
+    companion object {
+        fun fromEndpointFile(file: File): Bridge = Bridge(BridgeClient.fromEndpointFile(file))
+        fun newId(): String = "kt-" + java.util.UUID.randomUUID().toString()
+    }
+
+    /** Sends op with params and streams the replies; returns when `done` arrives. */
+    fun stream(
+        op: String,
+        params: JSONObject = JSONObject(),
+        id: String = newId(),
+        onEvent: (JSONObject) -> Unit = {},
+        onToken: (String) -> Unit = {}
+    ): Outcome {
+        var result: JSONObject? = null
+        var error: BridgeError? = null
+        var done: JSONObject? = null
+        client.stream(BridgeClient.request(id, op, params), object : BridgeClient.Listener {
+            override fun onEvent(event: JSONObject) {
+                if (event.getString("event") == "token") onToken(event.getString("text"))
+                onEvent(event)
+            }
+
+            override fun onResult(result_: JSONObject) {
+                result = result_
+            }
+
+            override fun onError(code: String, message: String, error_: JSONObject?) {
+                val retry = if (error_ != null && error_.has("retry_after")) error_.getDouble("retry_after") else null
+                error = BridgeError(code, message, retry)
+            }
+
+            override fun onDone(done_: JSONObject) {
+                done = done_
+            }
+        })
+        val d = done ?: JSONObject().put("finish_reason", "error").put("usage", JSONObject()).put("timings", JSONObject())
+        return Outcome(d.getString("finish_reason"), d.getJSONObject("usage"), d.getJSONObject("timings"), result, error)
+    }
+
+    /** A question (with optional images as file bytes), tokens to [onToken] as they come. */
+    fun generate(
+        prompt: String,
+        maxTokens: Int? = null,
+        images: List<ByteArray> = emptyList(),
+        id: String = newId(),
+        onToken: (String) -> Unit = {}
+    ): Outcome {
+        val params = JSONObject().put("prompt", prompt)
+        if (maxTokens != null) params.put("max_tokens", maxTokens)
+        if (images.isNotEmpty()) {
+            val arr = org.json.JSONArray()
+            for (bytes in images) arr.put(JSONObject().put("base64", Base64Codec.encode(bytes)))
+            params.put("images", arr)
+        }
+        return stream("generate", params, id, onToken = onToken)
+    }
+
+    fun health(): JSONObject = client.call("health", JSONObject())
+
+    /** Cancels request [id]; its stream ends with finish_reason "cancelled". */
+    fun cancel(id: String): Boolean = client.cancel(id)
+
+    /** Every reply line of a raw request body, and the HTTP status (transcript tests). */
+    fun replies(body: String): Pair<Int, List<JSONObject>> {
+        val status = IntArray(1)
+        val lines = client.replies(body, status)
+        return Pair(status[0], lines)
+    }
+}
+
+/** Base64 without android.util.Base64 or java.util.Base64 (API 26+), so it runs everywhere. */
+object Base64Codec {
+    private const val ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+    fun encode(data: ByteArray): String {
+        val sb = StringBuilder((data.size + 2) / 3 * 4)
+        var i = 0
+        while (i < data.size) {
+            val b0 = data[i].toInt() and 0xff
+            val b1 = if (i + 1 < data.size) data[i + 1].toInt() and 0xff else 0
+            val b2 = if (i + 2 < data.size) data[i + 2].toInt() and 0xff else 0
+            sb.append(ALPHABET[b0 shr 2])
+            sb.append(ALPHABET[((b0 and 3) shl 4) or (b1 shr 4)])
+            sb.append(if (i + 1 < data.size) ALPHABET[((b1 and 15) shl 2) or (b2 shr 6)] else '=')
+            sb.append(if (i + 2 < data.size) ALPHABET[b2 and 63] else '=')
+            i += 3
+        }
+        return sb.toString()
+    }
+}

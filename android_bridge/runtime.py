@@ -1,0 +1,207 @@
+"""The models a bridge serves and their states.
+
+Two slots, one per model, each in one of the states ``uninitialized``, ``loading``, ``ready``,
+``generating`` (MedGemma while it answers) or ``error`` (the last load failed; the message is
+kept for ``health``). A slot is loaded from the bundle on request (the ``load`` op, or the
+server's background preload) or handed an already-open model (tests, embedding apps).
+
+MedSigLIP and the similar-case index are reached through a small interface, so the bridge does
+not depend on how they are built:
+
+* encoder (:class:`edge.siglip.MedSigLIP`): ``embed_images(images, cancel=, progress=) ->
+  ndarray [N, D]``, ``embed_texts(texts, cancel=) -> ndarray [N, D]`` (L2-normalized rows),
+  ``classify(image, labels=None, label_set=None)`` (ranked labels and scores).
+* index (:class:`edge.cases.CaseIndex`): ``search_image(image, encoder=, k=)`` and
+  ``search_text(text, encoder=, k=)`` → entries with ``id``, ``score``, ``content``, ``metadata``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from android_bridge.protocol import ProtocolError
+from android_bridge.siglip import describe_encoder, open_encoder, open_index
+from edge.bundle import Bundle, open_bundle
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+RETRY_AFTER_S = 1.0  # what a client is told to wait while a model loads
+
+
+class Slot:
+    """One model's place in the runtime: its state, the model object, the last load error."""
+
+    def __init__(self, name: str, model: Any = None):
+        self.name = name
+        self.model = model
+        self.owned = model is None  # a model handed in is closed by whoever opened it
+        self.state = "ready" if model is not None else "uninitialized"
+        self.error: str | None = None
+        self.lock = threading.Lock()  # held while loading or unloading
+
+    def describe(self) -> dict:
+        state = self.state
+        if state == "ready" and getattr(self.model, "busy", False):
+            state = "generating"
+        out: dict[str, Any] = {"state": state}
+        if self.error:
+            out["error"] = self.error
+        if state in ("ready", "generating"):
+            info = getattr(self.model, "info", None)
+            out["info"] = info if isinstance(info, dict) else describe_encoder(self.model)
+        return out
+
+
+class Runtime:
+    """The loaded models of one bridge.
+
+    Args:
+        bundle: the bundle directory (MedGemma and, when present, MedSigLIP).
+        medsiglip_bundle: a separate bundle for MedSigLIP (default: ``bundle``).
+        index_dir: the similar-case index directory, if any.
+        medgemma / encoder / index: already-open objects to serve instead of loading them.
+        model_options: keyword arguments for :class:`edge.llm.MedGemma` (n_ctx, quant, ...).
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path | None = None,
+        *,
+        medsiglip_bundle: str | Path | None = None,
+        index_dir: str | Path | None = None,
+        medgemma: Any = None,
+        encoder: Any = None,
+        index: Any = None,
+        model_options: dict | None = None,
+    ):
+        self.bundle_path = Path(bundle) if bundle else None
+        self.medsiglip_path = Path(medsiglip_bundle) if medsiglip_bundle else self.bundle_path
+        self.index_dir = Path(index_dir) if index_dir else None
+        self.index = index
+        self.model_options = dict(model_options or {})
+        self.slots = {"medgemma": Slot("medgemma", medgemma), "medsiglip": Slot("medsiglip", encoder)}
+
+    # -- what is available -------------------------------------------------------------------
+
+    def _bundle(self, name: str) -> Bundle | None:
+        path = self.bundle_path if name == "medgemma" else self.medsiglip_path
+        return open_bundle(path) if path else None
+
+    def available(self, name: str) -> bool:
+        """Whether ``name`` is loaded or its bundle has the component."""
+        if self.slots[name].model is not None:
+            return True
+        try:
+            b = self._bundle(name)
+        except Exception:  # a missing or broken bundle shows up when loading, with its message
+            return False
+        return b is not None and name in b.components
+
+    def states(self) -> dict:
+        return {name: slot.describe() for name, slot in self.slots.items()}
+
+    # -- load / unload ---------------------------------------------------------------------------
+
+    def load(self, name: str, *, options: dict | None = None, progress: Progress | None = None) -> dict:
+        """Load ``name`` from the bundle (no-op when ready). Returns its ``describe()``.
+
+        Raises:
+            ProtocolError(loading): another request is loading it now.
+            EdgeError: the bundle lacks it, a file fails verification, not enough memory.
+        """
+        slot = self.slots[name]
+        if not slot.lock.acquire(blocking=False):
+            raise ProtocolError("loading", f"{name} is loading", retry_after=RETRY_AFTER_S)
+        try:
+            if slot.model is not None:
+                return slot.describe()
+            slot.state, slot.error = "loading", None
+            t0 = time.perf_counter()
+            try:
+                slot.model = self._open(name, options or {}, progress)
+            except BaseException as exc:
+                slot.state, slot.error = "error", str(exc) or type(exc).__name__
+                raise
+            slot.owned, slot.state = True, "ready"
+            log.info("bridge: %s loaded in %.2fs", name, time.perf_counter() - t0)
+            return slot.describe()
+        finally:
+            slot.lock.release()
+
+    def _open(self, name: str, options: dict, progress: Progress | None) -> Any:
+        bundle = self._bundle(name)
+        if bundle is None:
+            raise ProtocolError("invalid_request", "no bundle configured: start the runtime with -b BUNDLE")
+        bundle.component(name)  # InputError naming the bundle when absent
+
+        def verify_progress(done: int, total: int) -> None:
+            if progress:
+                progress("load", done, total)
+
+        if progress:
+            total = sum(f["bytes"] for f in bundle.files(name))
+            progress("load", 0, total)
+        bundle.verify(component=name, progress=verify_progress).raise_for_failure()
+        if name == "medgemma":
+            from edge.llm import MedGemma
+
+            model = MedGemma(bundle, **{**self.model_options, **options})
+        else:
+            model = open_encoder(bundle, **options)
+        if progress:
+            progress("load", total, total)
+        return model
+
+    def unload(self, name: str) -> dict:
+        """Close ``name``'s model (if this runtime opened it) and forget it.
+
+        Raises:
+            ProtocolError(loading | busy): it is loading, or generating.
+        """
+        slot = self.slots[name]
+        if not slot.lock.acquire(blocking=False):
+            raise ProtocolError("loading", f"{name} is loading", retry_after=RETRY_AFTER_S)
+        try:
+            model = slot.model
+            if getattr(model, "busy", False):
+                raise ProtocolError(
+                    "busy", f"{name} is generating; cancel it first", retry_after=RETRY_AFTER_S
+                )
+            slot.model, slot.state, slot.error = None, "uninitialized", None
+            if model is not None and slot.owned and hasattr(model, "close"):
+                model.close()
+            return slot.describe()
+        finally:
+            slot.lock.release()
+
+    def require(self, name: str) -> Any:
+        """The ready model ``name``, or ProtocolError(loading | not_loaded) saying what to do."""
+        slot = self.slots[name]
+        model = slot.model
+        if model is not None:
+            return model
+        if slot.state == "loading":
+            raise ProtocolError("loading", f"{name} is loading; retry shortly", retry_after=RETRY_AFTER_S)
+        why = f" (last load failed: {slot.error})" if slot.state == "error" else ""
+        raise ProtocolError("not_loaded", f"{name} is not loaded{why}; send a load op first")
+
+    def require_index(self) -> Any:
+        """The similar-case index, opening ``index_dir`` on first use."""
+        if self.index is None:
+            if self.index_dir is None:
+                raise ProtocolError("not_loaded", "no similar-case index: start the runtime with --index DIR")
+            self.index = open_index(self.index_dir, self.slots["medsiglip"].model)
+        return self.index
+
+    def close(self) -> None:
+        """Close every model this runtime opened."""
+        for slot in self.slots.values():
+            with slot.lock:
+                model, slot.model, slot.state = slot.model, None, "uninitialized"
+                if model is not None and slot.owned and hasattr(model, "close"):
+                    model.close()
