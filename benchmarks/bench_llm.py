@@ -44,7 +44,9 @@ def run_raw(llm, tokens: list[int], n: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     first = None
     count = 0
-    for _ in llm.create_completion(tokens, max_tokens=n, temperature=0.0, stream=True, stop=[]):
+    for _ in llm.create_completion(
+        tokens, max_tokens=n, temperature=0.0, repeat_penalty=1.0, stream=True, stop=[]
+    ):
         count += 1
         if first is None:
             first = time.perf_counter()
@@ -55,7 +57,9 @@ def run_raw(llm, tokens: list[int], n: int) -> tuple[float, float]:
 def run_runtime(model: MedGemma, n: int) -> tuple[float, float]:
     messages = [{"role": "user", "content": "What are the common symptoms of pneumonia?"}]
     last = None
-    for piece in model.stream(messages, options=GenerateOptions(max_tokens=n, temperature=0.0, stop=[])):
+    for piece in model.stream(
+        messages, options=GenerateOptions(max_tokens=n, temperature=0.0, repeat_penalty=1.0, stop=[])
+    ):
         last = piece
     return last.timings["generation_tps"], last.timings["ttft_s"]
 
