@@ -424,3 +424,17 @@ def call(bridge: Bridge, request: Any) -> list[dict]:
     out: list[dict] = []
     bridge.handle(request, out.append)
     return out
+
+
+def bridge_for(settings) -> Bridge:
+    """A bridge over ``settings``' bundle(s) (android_bridge.settings.ServeSettings), with its
+    models preloading in the background (``health`` shows them loading)."""
+    runtime = Runtime(
+        settings.bundle,
+        medsiglip_bundle=settings.medsiglip_bundle,
+        index_dir=settings.index,
+        model_options=settings.model_options,
+    )
+    bridge = Bridge(runtime, allow_paths=settings.allow_paths)
+    bridge.preload([n for n in settings.preload if runtime.available(n)])
+    return bridge

@@ -28,9 +28,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from android_bridge import openai_routes
-from android_bridge.bridge import Bridge
+from android_bridge.bridge import Bridge, bridge_for
 from android_bridge.protocol import HTTP_STATUS, VERSION, dumps, request_id
-from android_bridge.runtime import Runtime
 from android_bridge.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -171,14 +170,7 @@ def create_app(settings: ServeSettings, bridge: Bridge | None = None) -> Starlet
     """The app for ``settings``. Without ``bridge``, one is built over the settings' bundle and
     its models are preloaded in the background (``health`` shows them loading)."""
     if bridge is None:
-        runtime = Runtime(
-            settings.bundle,
-            medsiglip_bundle=settings.medsiglip_bundle,
-            index_dir=settings.index,
-            model_options=settings.model_options,
-        )
-        bridge = Bridge(runtime, allow_paths=settings.allow_paths)
-        bridge.preload([n for n in settings.preload if runtime.available(n)])
+        bridge = bridge_for(settings)
     bridge.transports.append("http")
     app = Starlette(
         routes=[

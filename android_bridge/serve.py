@@ -101,20 +101,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_lines(settings, args: argparse.Namespace) -> int:
-    from android_bridge.bridge import Bridge
-    from android_bridge.runtime import Runtime
+    from android_bridge.bridge import bridge_for
     from android_bridge.transports import UnixSocketServer, serve_stdio
 
     if args.unix_socket and not hasattr(__import__("socket"), "AF_UNIX"):
         raise UsageError("Unix sockets are not available on this system; use HTTP or --stdio")
-    runtime = Runtime(
-        settings.bundle,
-        medsiglip_bundle=settings.medsiglip_bundle,
-        index_dir=settings.index,
-        model_options=settings.model_options,
-    )
-    bridge = Bridge(runtime, allow_paths=settings.allow_paths)
-    bridge.preload([n for n in settings.preload if runtime.available(n)])
+    bridge = bridge_for(settings)
     try:
         if args.stdio:
             serve_stdio(bridge)
