@@ -213,11 +213,12 @@ class Bundle:
             for f in self.files(component)
             if (roles is None or f["role"] in roles) and (paths is None or f["path"] in paths)
         ]
-        stamp = self._read_stamp() if trust_stamp else {}
+        saved = self._read_stamp()
+        stamp = saved if trust_stamp else {}
         total = sum(f["bytes"] for f in entries)
         done = 0
         reports: list[FileReport] = []
-        new_stamp = dict(self._read_stamp())
+        new_stamp = dict(saved)
         for entry in entries:
             path = self.path(entry)
             rep = FileReport(entry["path"], entry["role"], False, entry["bytes"], hashed=False)
@@ -336,6 +337,19 @@ def _swap_into_place(staging: Path, root: Path) -> None:
     shutil.rmtree(prev)
 
 
+def writable_parent(target: Path, hint: str) -> Path:
+    """Create ``target``'s parent if needed and check it can be written; InputError (with
+    ``hint``) otherwise. Outputs are built beside their target, so the parent must be writable."""
+    parent = Path(target).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"can't create {parent}: {exc.strerror}; {hint}") from None
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"can't write {target}: {parent} is not writable; {hint}")
+    return parent
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -409,13 +423,7 @@ class BundleWriter:
         self.staging: Path | None = None
 
     def __enter__(self) -> BundleWriter:
-        parent = self.root.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"can't create {parent}: {exc.strerror}") from None
-        if not os.access(parent, os.W_OK):
-            raise InputError(f"can't write bundle {self.root}: {parent} is not writable")
+        parent = writable_parent(self.root, "choose another --bundle path")
         if self.root.exists() and not (self.root / MANIFEST).is_file():
             if any(self.root.iterdir()):
                 raise UsageError(f"{self.root} exists and is not a bundle; choose another --bundle path")

@@ -90,8 +90,8 @@ def ensure_small_model_bundle(bundle: Path) -> tuple[bool, float]:
 
 
 def answer_with_small_model(question: str, *, bundle: Path, threads: int | None = None) -> dict:
-    """One answer from the imported Gemma 3 270M through the runtime (edge.llm), streamed to
-    ``on_piece``-less callers as a whole; the prompt format and defaults come from the bundle."""
+    """One answer from the imported Gemma 3 270M through the runtime (edge.llm); the prompt
+    format and defaults come from the bundle."""
     from edge.llm import GenerateOptions, MedGemma
 
     t0 = time.perf_counter()

@@ -264,8 +264,9 @@ class MedGemma:
                 bm = mtmd_cpp.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf)
                 if not bm:
                     raise InputError("llama.cpp could not take this image (bitmap init failed)")
-                mtmd_cpp.mtmd_bitmap_set_id(bm, self._image_key(im).encode())
-                self._images_by_key[self._image_key(im)] = im
+                key = self._image_key(im)
+                mtmd_cpp.mtmd_bitmap_set_id(bm, key.encode())
+                self._images_by_key[key] = im
                 bitmaps.append(bm)
             raw = text.encode("utf-8")
             inp = mtmd_cpp.mtmd_input_text()

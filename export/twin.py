@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge import registry
-from edge.errors import InputError, UsageError, require
+from edge.bundle import writable_parent
+from edge.errors import UsageError, require
 
 log = logging.getLogger(__name__)
 
@@ -540,13 +541,7 @@ def build_twin(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} already exists and is not empty; choose a new --out or remove it")
-    parent = out.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"can't create {parent}: {exc.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"can't write to {parent}: permission denied; choose another --out")
+    parent = writable_parent(out, "choose another --out")
     require("torch", "export")
     require("transformers", "export")
     tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
