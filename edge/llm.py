@@ -1,4 +1,4 @@
-"""MedGemma on the device: a bundle's GGUF through llama-cpp-python, images through libmtmd.
+"""MedGemma on the device: a bundle's GGUF through llama-cpp-python; images through an encoder.
 
 The core is :meth:`MedGemma.stream`, a generator of :class:`Piece` (text, token counts,
 timings, and on the last piece the finish reason and usage). ``ask`` joins it; the CLI, the
@@ -6,11 +6,12 @@ bridge and the server all consume the same generator. One instance serves one re
 time (a lock); ``cancel`` (a ``threading.Event``) set from another thread stops the stream
 within one token with finish reason ``cancelled``.
 
-Images go through libmtmd's own pieces rather than its all-in-one helper, so that an encoded
-image can be cached: ``mtmd_encode_chunk`` → copy ``mtmd_get_output_embd`` into the
-:class:`~edge.image_cache.ImageCache` → ``mtmd_helper_decode_image_chunk`` feeds the (cached or
-fresh) embeddings with Gemma 3's positions and non-causal image attention. A follow-up
-question about the same image skips the vision encoder entirely.
+Images: an encoder (:mod:`edge.image_encoders`: the bundle's ONNX vision graph, or llama.cpp's
+mmproj) turns an image into embeddings, which are kept in an :class:`~edge.image_cache.ImageCache`
+and fed to llama.cpp with Gemma 3's positions and non-causal image attention
+(:func:`edge.kv_prefix.decode_embeddings`). Between requests the KV cache is kept: a follow-up
+question evaluates only what differs from the last conversation (:mod:`edge.kv_prefix`), so the
+same image is neither encoded nor decoded again.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import prompting, resources
+from edge import accel, kv_prefix, prompting, resources
 from edge.bundle import Bundle, open_bundle
 from edge.errors import Busy, ContextOverflow, InputError, ResourceError, UsageError
 from edge.generation import DISCLAIMER, Answer, GenerateOptions, Piece, check_schema
 from edge.gguf_header import read_header
 from edge.image_cache import ImageCache
+from edge.image_encoders import MARKER, MmprojImageEncoder, OnnxImageEncoder
 from edge.images import LoadedImage
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ __all__ = ["DISCLAIMER", "Answer", "GenerateOptions", "MedGemma", "Piece", "chec
 
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+_IMAGE_POSITION_ID = 0  # what llama-cpp-python's token list holds at image positions
+_PARAMS_LOCK = threading.Lock()
 
 
 def _quiet_native_logs() -> None:
@@ -50,6 +54,43 @@ def _quiet_native_logs() -> None:
     for setter in (mtmd.mtmd_log_set, mtmd.mtmd_helper_log_set):
         setter(llog.llama_log_callback, ctypes.c_void_p(0))
     llog.set_verbose(log.isEnabledFor(logging.DEBUG))
+
+
+def _choose_encoder(bundle: Bundle, comp: dict, choice: str) -> dict | None:
+    """The manifest entry of the image encoder to load (None: the bundle has none)."""
+    if choice not in ("auto", "mmproj", "onnx"):
+        raise UsageError(f"unknown image encoder {choice!r} (auto, mmproj or onnx)")
+    onnx = sorted(
+        (f for f in comp["files"] if f["role"] == "vision-onnx"), key=lambda f: f.get("precision") != "int8"
+    )
+    mmproj = [f for f in comp["files"] if f["role"] == "mmproj"]
+    if choice == "onnx" and not onnx:
+        raise InputError(f"bundle {bundle.root} has no ONNX image encoder (medgemma/vision-*.onnx)")
+    if choice == "mmproj" and not mmproj:
+        raise InputError(f"bundle {bundle.root} has no vision projector (medgemma/mmproj-*.gguf)")
+    ordered = mmproj + onnx if choice == "mmproj" else onnx + mmproj
+    return ordered[0] if ordered else None
+
+
+def _load_llama(path: Path, *, repack: bool, **kwargs):
+    """llama_cpp.Llama, with llama.cpp's weight repacking switched as asked (the binding has no
+    argument for ``use_extra_bufts``, so its default model params are wrapped while it loads)."""
+    import llama_cpp.llama_cpp as lc
+    from llama_cpp import Llama
+
+    with _PARAMS_LOCK:
+        default = lc.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = repack
+            return p
+
+        lc.llama_model_default_params = params
+        try:
+            return Llama(model_path=str(path), **kwargs)
+        finally:
+            lc.llama_model_default_params = default
 
 
 class MedGemma:
@@ -63,9 +104,17 @@ class MedGemma:
         flash_attn: on by default (it made image encoding 1.7x faster on the 2-core CPU).
         kv_type: KV cache type: f16 (default), q8_0, q4_0, f32.
         use_mmap: map the weights instead of reading them into RAM.
-        vision: load the projector (if the bundle has one) so images can be asked about.
+        vision: load an image encoder (if the bundle has one) so images can be asked about.
         image_cache: where encoded images are kept (default: a 512 MiB in-memory LRU).
         check_memory: refuse (ResourceError, exit 4) when the estimate exceeds free memory.
+        image_encoder: ``auto`` (the bundle's ONNX encoder when it has one, else the mmproj),
+            ``onnx`` or ``mmproj``. The ONNX path never loads the mmproj.
+        repack: let llama.cpp keep a repacked copy of Q4 weights for faster CPU kernels (x86:
+            ~1.5 GB more for the 4B model); off in the phone profiles.
+        swa_full: keep a full-size cache for the sliding-window layers, so any earlier turn can be
+            reused; off trims it to the window (less memory, less reuse).
+        gpu_layers: layers to offload to a GPU (-1 all); 0 or no GPU build: CPU.
+        image_gpu: run the ONNX image encoder with CUDA when onnxruntime can.
     Raises:
         InputError / IntegrityError: missing component or file, hash mismatch (names the file).
         ResourceError: not enough memory for the model and context.
@@ -86,52 +135,46 @@ class MedGemma:
         check_memory: bool = True,
         seed: int = 0,
         image_encoder: str = "auto",
+        repack: bool = True,
+        swa_full: bool = True,
+        gpu_layers: int = 0,
+        image_gpu: bool = False,
     ):
-        from llama_cpp import LLAMA_FLASH_ATTN_TYPE_DISABLED, LLAMA_FLASH_ATTN_TYPE_ENABLED, Llama
-
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         comp = self.bundle.component("medgemma")
         text_entry = self.bundle.file("medgemma", "text", **({"quant": quant} if quant else {}))
-        mmproj_entries = [f for f in comp["files"] if f["role"] == "mmproj"] if vision else []
-        onnx_entries = (
-            sorted(
-                (f for f in comp["files"] if f["role"] == "vision-onnx"),
-                key=lambda f: f.get("precision") != "int8",
-            )
-            if vision
-            else []
-        )
-        if image_encoder not in ("auto", "mmproj", "onnx"):
-            raise UsageError(f"unknown image encoder {image_encoder!r} (auto, mmproj or onnx)")
-        if image_encoder == "onnx" and not onnx_entries:
-            raise InputError(f"bundle {self.bundle.root} has no ONNX image encoder (medgemma/vision-*.onnx)")
-        if image_encoder == "mmproj":
-            onnx_entries = []
-        self.vision_entry = onnx_entries[0] if onnx_entries else None
-        wanted = {text_entry["path"]} | {e["path"] for e in mmproj_entries[:1] + onnx_entries[:1]}
+        encoder_entry = _choose_encoder(self.bundle, comp, image_encoder) if vision else None
+        wanted = {text_entry["path"]} | ({encoder_entry["path"]} if encoder_entry else set())
         self.bundle.verify(component="medgemma", paths=wanted).raise_for_failure()
         if kv_type not in _KV_TYPES:
             raise UsageError(f"unknown KV cache type {kv_type!r} (one of {', '.join(_KV_TYPES)})")
         text_path = self.bundle.path(text_entry)
-        self.mmproj_entry = mmproj_entries[0] if mmproj_entries else None
-        mmproj_path = self.bundle.path(self.mmproj_entry) if self.mmproj_entry else None
         header = read_header(text_path)
         self.memory_estimate = resources.estimate(
-            text_path, header, mmproj=mmproj_path, n_ctx=n_ctx, kv_type=kv_type
+            text_path,
+            header,
+            encoder=self.bundle.path(encoder_entry) if encoder_entry else None,
+            n_ctx=n_ctx,
+            kv_type=kv_type,
+            repack=repack,
+            swa_full=swa_full,
         )
         if check_memory:
             free = resources.available_memory()
             if self.memory_estimate.total > free:
                 raise ResourceError(
                     f"this device has {free / 2**30:.2f} GiB free but {text_entry['path']} at context {n_ctx} "
-                    f"needs about {self.memory_estimate.describe()}; use a smaller quantization or --ctx"
+                    f"needs about {self.memory_estimate.describe()}; use a smaller quantization, --ctx "
+                    f"or a smaller --profile"
                 )
         n_ctx_train = int(header.arch_key("context_length", n_ctx) or n_ctx)
         self.n_threads = n_threads or os.cpu_count() or 1
         _quiet_native_logs()
-        self.llama = Llama(
-            model_path=str(text_path),
+        accel.load_backends()
+        self.llama = _load_llama(
+            text_path,
+            repack=repack,
             n_ctx=min(n_ctx, n_ctx_train),
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads,
@@ -140,28 +183,27 @@ class MedGemma:
             seed=seed,
             type_k=_KV_TYPES[kv_type],
             type_v=_KV_TYPES[kv_type],
+            swa_full=swa_full,
+            n_gpu_layers=accel.llama_gpu_layers(gpu_layers),
             verbose=log.isEnabledFor(logging.DEBUG),
         )
         self.n_ctx = min(n_ctx, n_ctx_train, self.llama.n_ctx())  # llama.cpp may pad its own upwards
-        self.mtmd = None
-        if mmproj_path is not None:
-            import llama_cpp.mtmd_cpp as mtmd_cpp
-
-            params = mtmd_cpp.mtmd_context_params_default()
-            params.use_gpu = False
-            params.print_timings = False
-            params.n_threads = self.n_threads
-            params.flash_attn_type = (
-                LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
-            self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.llama.model, params)
-            if not self.mtmd:
-                raise InputError(
-                    f"{self.mmproj_entry['path']}: llama.cpp could not load this vision projector"
+        self.n_embd = int(self.llama.n_embd())
+        self.encoder = None
+        if encoder_entry is not None:
+            path = self.bundle.path(encoder_entry)
+            if encoder_entry["role"] == "vision-onnx":
+                self.encoder = OnnxImageEncoder(path, encoder_entry, threads=self.n_threads, gpu=image_gpu)
+            else:
+                self.encoder = MmprojImageEncoder(
+                    path,
+                    encoder_entry,
+                    self.llama.model,
+                    threads=self.n_threads,
+                    flash_attn=flash_attn,
+                    gpu=gpu_layers != 0,
                 )
-            self.media_marker = mtmd_cpp.mtmd_default_marker().decode()
-        else:
-            self.media_marker = None
+        self.media_marker = MARKER if self.encoder is not None else None
         self.prompt_spec = comp.get("prompt", {})
         self.template = self.prompt_spec.get("chat_template") or self.llama.metadata.get(
             "tokenizer.chat_template"
@@ -177,33 +219,24 @@ class MedGemma:
             **comp.get("defaults", {}),
         }
         self.image_cache = image_cache if image_cache is not None else ImageCache()
-        self.vision_session = None
-        if self.vision_entry is not None and self.mtmd is not None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.n_threads
-            self.vision_session = ort.InferenceSession(
-                str(self.bundle.path(self.vision_entry)), so, providers=["CPUExecutionProvider"]
-            )
-        self._images_by_key: dict[str, LoadedImage] = {}
+        self._held: list = []  # identities of the positions the KV cache holds (see edge.kv_prefix)
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
         self.info = {
             "bundle": str(self.bundle.root),
             "text": text_entry["path"],
             "quant": text_entry.get("quant"),
-            "mmproj": self.mmproj_entry["path"] if self.mmproj_entry else None,
-            "image_encoder": self.vision_entry["path"] if self.vision_session else "mmproj (llama.cpp)",
+            "image_encoder": encoder_entry["path"] if encoder_entry else None,
             "n_ctx": self.n_ctx,
             "source": comp.get("source", {}).get("description") or comp.get("source", {}).get("model_id"),
             "synthetic": bool(comp.get("source", {}).get("synthetic")),
         }
         log.info(
-            "loaded %s (%s) in %.2fs; estimate %s",
+            "loaded %s (%s) in %.2fs; image encoder %s; estimate %s",
             text_entry["path"],
             text_entry.get("quant"),
             self.load_seconds,
+            self.info["image_encoder"],
             self.memory_estimate.describe(),
         )
 
@@ -214,11 +247,9 @@ class MedGemma:
         return self._lock.locked()
 
     def close(self) -> None:
-        if self.mtmd is not None:
-            import llama_cpp.mtmd_cpp as mtmd_cpp
-
-            mtmd_cpp.mtmd_free(self.mtmd)
-            self.mtmd = None
+        if self.encoder is not None:
+            self.encoder.close()
+            self.encoder = None
         self.llama.close()
 
     def __enter__(self) -> MedGemma:
@@ -236,143 +267,110 @@ class MedGemma:
         return prompting.render(self.template, msgs, bos_token=bos, eos_token=eos), n_images
 
     def _image_key(self, image: LoadedImage) -> str:
-        encoder = self.vision_entry if self.vision_session is not None else self.mmproj_entry
-        return f"{image.key[:32]}-{encoder['sha256'][:16]}"
+        return f"{image.key[:32]}-{self.encoder.entry['sha256'][:16]}"
 
-    def _encode_onnx(self, image: LoadedImage, n_tok: int, n_embd: int) -> np.ndarray:
-        """The ONNX tower + projector's embeddings for one image: [n_tok, n_embd] float32."""
-        from edge.siglip_preprocess import ImageSpec, image_to_pixels
+    def _embeddings(self, image: LoadedImage, key: str, stats: dict) -> np.ndarray:
+        """The image's embeddings: from the cache, else encoded now (and cached)."""
+        embd = self.image_cache.get(key)
+        if embd is not None:
+            stats["image_cache_hits"] += 1
+            return embd
+        t0 = time.perf_counter()
+        embd = self.encoder.encode(image, self.n_embd)
+        self.image_cache.put(key, embd)
+        stats["image_encode_s"] += time.perf_counter() - t0
+        stats["image_cache_misses"] += 1
+        log.info("encoded image %s with %s in %.2fs", key[:12], self.encoder.name, time.perf_counter() - t0)
+        return embd
 
-        spec = ImageSpec.from_json(self.vision_entry["preprocess"])
-        pixels = image_to_pixels(image.image, spec)[None]  # [1, 3, S, S]
-        out = self.vision_session.run(None, {"pixel_values": pixels})[0][0]  # [T, n_embd]
-        if out.shape != (n_tok, n_embd):
-            raise InputError(
-                f"{self.vision_entry['path']} gives {out.shape} embeddings; llama.cpp expects "
-                f"({n_tok}, {n_embd}): the encoder does not belong to this model"
-            )
-        return out
-
-    def _tokenize_mtmd(self, text: str, images: Sequence[LoadedImage]):
-        import llama_cpp.mtmd_cpp as mtmd_cpp
-
-        bitmaps = []
+    def prepare_image(
+        self,
+        image: LoadedImage,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        wait: bool = True,
+    ) -> dict:
+        """Encode ``image`` ahead of a question about it (say, while the user types), so the
+        question starts from the cache. Returns ``{"key", "cached", "encode_s"}``."""
+        if self.encoder is None:
+            raise UsageError("this model has no image encoder: it can't take images")
+        if not self._lock.acquire(blocking=wait):
+            raise Busy("the model is answering another request; try again when it finishes")
         try:
-            for im in images:
-                rgb = np.ascontiguousarray(np.asarray(im.image, dtype=np.uint8))
-                buf = (ctypes.c_uint8 * rgb.nbytes).from_buffer_copy(rgb.tobytes())
-                bm = mtmd_cpp.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf)
-                if not bm:
-                    raise InputError("llama.cpp could not take this image (bitmap init failed)")
-                key = self._image_key(im)
-                mtmd_cpp.mtmd_bitmap_set_id(bm, key.encode())
-                self._images_by_key[key] = im
-                bitmaps.append(bm)
-            raw = text.encode("utf-8")
-            inp = mtmd_cpp.mtmd_input_text()
-            inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), False, True
-            chunks = mtmd_cpp.mtmd_input_chunks_init()
-            arr = (mtmd_cpp.mtmd_bitmap_p_ctypes * max(len(bitmaps), 1))(*bitmaps)
-            rc = mtmd_cpp.mtmd_tokenize(self.mtmd, chunks, ctypes.byref(inp), arr, len(bitmaps))
-            if rc != 0:
-                mtmd_cpp.mtmd_input_chunks_free(chunks)
-                raise UsageError(
-                    f"the prompt's image markers don't match the {len(images)} image(s) given (mtmd {rc})"
-                )
-            return chunks
+            key = self._image_key(image)
+            stats = {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
+            if progress:
+                progress("image", 0, 1)
+            if cancel is None or not cancel.is_set():
+                self._embeddings(image, key, stats)
+                if progress:
+                    progress("image", 1, 1)
+            return {"key": key, "cached": stats["image_cache_hits"] == 1, "encode_s": stats["image_encode_s"]}
         finally:
-            for bm in bitmaps:
-                mtmd_cpp.mtmd_bitmap_free(bm)
+            self._lock.release()
 
-    def _eval_chunks(
-        self, chunks, cancel: threading.Event | None, progress: Progress | None, stats: dict
-    ) -> None:
-        """Feed text and image chunks into the context; images through the cache."""
-        import llama_cpp
-        import llama_cpp.mtmd_cpp as mtmd_cpp
+    def _segments(self, text: str, images: Sequence[LoadedImage]) -> list[kv_prefix.Segment]:
+        def tokenize(piece: str) -> list[int]:
+            return self.llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
 
-        n = mtmd_cpp.mtmd_input_chunks_size(chunks)
-        n_images = sum(
-            mtmd_cpp.mtmd_input_chunk_get_type(mtmd_cpp.mtmd_input_chunks_get(chunks, i))
-            == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE
-            for i in range(n)
-        )
-        done_images = 0
-        no_callback = ctypes.cast(None, mtmd_cpp.mtmd_helper_post_decode_callback)
-        n_embd = llama_cpp.llama_model_n_embd(self.llama.model)
-        for i in range(n):
-            if cancel is not None and cancel.is_set():
-                return
-            chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
-            if mtmd_cpp.mtmd_input_chunk_get_type(chunk) == mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n_tok = ctypes.c_size_t()
-                ptr = mtmd_cpp.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n_tok))
-                self.llama.eval([ptr[j] for j in range(n_tok.value)])
-                continue
-            key = mtmd_cpp.mtmd_input_chunk_get_id(chunk).decode()
-            n_tok = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
-            if progress:
-                progress("image", done_images, n_images)
-            embd = self.image_cache.get(key)
-            if embd is None:
-                t0 = time.perf_counter()
-                if self.vision_session is not None:
-                    embd = self._encode_onnx(self._images_by_key[key], n_tok, n_embd)
-                else:
-                    if mtmd_cpp.mtmd_encode_chunk(self.mtmd, chunk) != 0:
-                        raise InputError("llama.cpp failed to encode the image")
-                    out = mtmd_cpp.mtmd_get_output_embd(self.mtmd)
-                    embd = np.ctypeslib.as_array(out, shape=(n_tok * n_embd,)).copy().reshape(n_tok, n_embd)
-                self.image_cache.put(key, embd)
-                stats["image_encode_s"] += time.perf_counter() - t0
-                stats["image_cache_misses"] += 1
-            else:
-                stats["image_cache_hits"] += 1
-            new_n_past = llama_cpp.llama_pos(self.llama.n_tokens)
-            ptr = np.ascontiguousarray(embd, dtype=np.float32).ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            rc = mtmd_cpp.mtmd_helper_decode_image_chunk(
-                self.mtmd,
-                self.llama._ctx.ctx,
-                chunk,
-                ptr,
-                self.llama.n_tokens,
-                0,
-                self.llama.n_batch,
-                ctypes.byref(new_n_past),
-                no_callback,
-                None,
+        if self.media_marker is None:
+            return [tokenize(text)]
+        segments = kv_prefix.split_prompt(text, self.media_marker, tokenize)
+        return [
+            kv_prefix.ImageSegment(
+                self._image_key(images[s.index]), self.encoder.tokens_for(images[s.index]), s.index
             )
-            if rc != 0:
-                raise ResourceError(f"llama.cpp failed to decode the image embeddings (code {rc})")
-            self.llama.n_tokens = new_n_past.value
-            done_images += 1
-            if progress:
-                progress("image", done_images, n_images)
+            if isinstance(s, kv_prefix.ImageSegment)
+            else s
+            for s in segments
+        ]
 
     def _prefill(self, messages, images, cancel, progress, stats) -> list[int]:
-        """Render, tokenize, check the context, evaluate. Returns the prompt's token ids."""
-        import llama_cpp.mtmd_cpp as mtmd_cpp
-
+        """Render, split, check the context, then evaluate what the KV cache doesn't hold yet.
+        Returns the prompt's token ids (image positions hold a placeholder id)."""
         text, n_markers = self.render(messages)
         if n_markers != len(images):
             raise UsageError(
                 f"the conversation has {n_markers} image part(s) but {len(images)} image(s) were given"
             )
-        self.llama.reset()
-        self.llama._ctx.kv_cache_clear()
-        if self.mtmd is None:
-            tokens = self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            self._check_context(len(tokens), 0)
-            self.llama.eval(tokens)
-            return tokens
-        chunks = self._tokenize_mtmd(text, images)
-        try:
-            n_prompt = mtmd_cpp.mtmd_helper_get_n_tokens(chunks)
-            self._check_context(n_prompt, len(images))
-            self._eval_chunks(chunks, cancel, progress, stats)
-        finally:
-            mtmd_cpp.mtmd_input_chunks_free(chunks)
-            self._images_by_key.clear()
+        segments = self._segments(text, images)
+        wanted = kv_prefix.identities(segments)
+        self._check_context(len(wanted), len(images))
+        keep = kv_prefix.reusable_prefix(self._held, wanted)
+        ctx = self.llama._ctx.ctx
+        if not kv_prefix.remove_from(ctx, keep):
+            keep = 0
+            self.llama._ctx.kv_cache_clear()
+        self.llama.n_tokens = keep
+        self._held = []  # until the prefill completes, what the cache holds is unknown
+        stats["kv_reused_tokens"] = keep
+        n_images = len(images)
+        done_images, pos = 0, 0
+        for seg in segments:
+            if cancel is not None and cancel.is_set():
+                return []
+            if isinstance(seg, kv_prefix.ImageSegment):
+                if pos < keep:  # held whole in the KV cache: nothing to encode or decode
+                    stats["image_cache_hits"] += 1
+                else:
+                    if progress:
+                        progress("image", done_images, n_images)
+                    embd = self._embeddings(images[seg.index], seg.key, stats)
+                    if cancel is not None and cancel.is_set():
+                        return []
+                    kv_prefix.decode_embeddings(ctx, embd, self.llama.n_tokens, n_batch=self.llama.n_batch)
+                    self.llama.input_ids[pos : pos + seg.n_tokens] = _IMAGE_POSITION_ID
+                    self.llama.n_tokens += seg.n_tokens
+                done_images += 1
+                if progress:
+                    progress("image", done_images, n_images)
+                pos += seg.n_tokens
+                continue
+            if pos + len(seg) > keep:
+                self.llama.eval(seg[max(0, keep - pos) :])
+            pos += len(seg)
+        self._held = wanted
         return self.llama.input_ids[: self.llama.n_tokens].tolist()
 
     def _check_context(self, n_prompt: int, n_images: int) -> None:
@@ -405,6 +403,7 @@ class MedGemma:
             t0 = time.perf_counter()
             stats = {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
             prompt = self._prefill(messages, images, cancel, progress, stats)
+            held, self._held = self._held, []  # generating changes the cache; recorded again below
             t_prompt = time.perf_counter()
             n_prompt = len(prompt)
             max_tokens = opts.max_tokens or int(self.defaults["max_tokens"])
@@ -459,6 +458,8 @@ class MedGemma:
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
             t_end = time.perf_counter()
+            if prompt:  # the cache now holds the prompt and the evaluated answer tokens
+                self._held = held + self.llama.input_ids[len(prompt) : self.llama.n_tokens].tolist()
             # every sampled token but the last is evaluated; the last counts unless it was end-of-turn
             n_gen = self.llama.n_tokens - n_prompt + (1 if finish == "length" else 0)
             parsed, schema_errors = None, None

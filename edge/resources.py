@@ -59,19 +59,45 @@ def available_memory() -> int:
 class MemoryEstimate:
     weights: int
     kv_cache: int
-    projector: int
+    projector: int  # the image encoder (mmproj or ONNX graph) and its compute buffers
     overhead: int
+    repacked: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.projector + self.overhead
+        return self.weights + self.repacked + self.kv_cache + self.projector + self.overhead
 
     def describe(self) -> str:
         gib = 2**30
+        repacked = f" + repacked copy {self.repacked / gib:.2f}" if self.repacked else ""
         return (
-            f"{self.total / gib:.2f} GiB (weights {self.weights / gib:.2f} + KV cache {self.kv_cache / gib:.2f}"
-            f" + projector {self.projector / gib:.2f} + buffers {self.overhead / gib:.2f})"
+            f"{self.total / gib:.2f} GiB (weights {self.weights / gib:.2f}{repacked} + KV cache "
+            f"{self.kv_cache / gib:.2f} + image encoder {self.projector / gib:.2f} + buffers {self.overhead / gib:.2f})"
         )
+
+
+# ggml types llama.cpp's CPU backend keeps a second, repacked copy of (for its faster matmul
+# kernels), per architecture (ggml-cpu/repack.cpp): Q4_0, Q2_K, Q4_K, IQ4_NL, MXFP4 with AVX2 on
+# x86; also Q5_K, Q6_K and Q8_0 on ARM with dotprod/i8mm (phones, Jetson).
+_REPACKED_TYPES = {
+    "x86_64": {2, 10, 12, 20, 39},
+    "aarch64": {2, 8, 10, 12, 13, 14, 20, 39},
+}
+
+
+def repacked_bytes(header: GGUFHeader, machine: str | None = None) -> int:
+    """Bytes of the repacked weight copy: matmul weights (not the token embeddings, which are
+    looked up by row) of a type the CPU backend repacks on ``machine``."""
+    import platform
+
+    from edge.gguf_header import tensor_bytes
+
+    kinds = _REPACKED_TYPES.get(machine or platform.machine(), set())
+    return sum(
+        tensor_bytes(shape, ttype)
+        for name, (shape, ttype) in header.tensors.items()
+        if ttype in kinds and len(shape) == 2 and not name.startswith("token_embd")
+    )
 
 
 def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", swa_full: bool = True) -> int:
@@ -102,22 +128,32 @@ def estimate(
     text: Path,
     header: GGUFHeader,
     *,
-    mmproj: Path | None,
+    encoder: Path | None,
     n_ctx: int,
     kv_type: str = "f16",
     n_batch: int = 512,
+    repack: bool = True,
+    swa_full: bool = True,
 ) -> MemoryEstimate:
-    """Peak RSS estimate of a loaded model: weights (mmapped, all touched) + KV + projector +
-    compute buffers (a few rows of logits, ~12 activations of n_batch × n_embd floats) + the
-    Python process itself (~100 MiB). Calibrated on Gemma 3 270M (estimate 0.43 GiB vs 0.41
-    measured at n_ctx 4096); weight repacking on x86 (an extra copy of Q4 tensors) is not counted.
+    """Peak RSS estimate of a loaded model answering about an image.
+
+    weights (mmapped, all touched) + the repacked copy (when on) + KV + the image encoder +
+    compute buffers (logits, ~12 activations of n_batch × n_embd floats) + the Python process
+    with its libraries (~100 MiB). The image encoder's share: an mmproj GGUF ×1.3 (weights plus
+    llama.cpp's compute buffers); an ONNX graph ×2.0 (onnxruntime holds the int8 weights plus
+    the float activations of 4096 patches). Checked against measured peak RSS on the full-size
+    twin by ``benchmarks/bench_profiles.py``.
     """
     vocab = header.vocab_size or 0
     n_embd = int(header.arch_key("embedding_length", 0) or 0)
     overhead = 4 * 8 * vocab + 4 * 12 * n_batch * n_embd + (100 << 20)
+    projector = 0
+    if encoder is not None:
+        projector = int(encoder.stat().st_size * (2.0 if encoder.suffix == ".onnx" else 1.3))
     return MemoryEstimate(
         weights=text.stat().st_size,
-        kv_cache=kv_cache_bytes(header, n_ctx, kv_type),
-        projector=int(mmproj.stat().st_size * 1.3) if mmproj else 0,  # weights + image compute buffers
+        kv_cache=kv_cache_bytes(header, n_ctx, kv_type, swa_full=swa_full),
+        projector=projector,
         overhead=overhead,
+        repacked=repacked_bytes(header) if repack else 0,
     )

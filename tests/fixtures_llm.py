@@ -27,6 +27,19 @@ def twin_llm_bundle(tmp_path_factory, medgemma_twin):
 
 
 @pytest.fixture(scope="session")
+def vision_bundle(tmp_path_factory, twin_llm_bundle, medgemma_twin):
+    """The twin bundle plus MedGemma's vision tower + projector as ONNX (fp32 and int8)."""
+    import shutil
+
+    from export.medgemma_vision import export_vision_onnx
+
+    out = tmp_path_factory.mktemp("vision") / "b"
+    shutil.copytree(twin_llm_bundle, out)
+    export_vision_onnx(medgemma_twin, bundle=out, precisions="fp32,int8")
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_model(small_model_bundle):
     from edge.llm import MedGemma
 

@@ -11,16 +11,6 @@ from edge.images import load_image
 from edge.llm import GenerateOptions, MedGemma
 
 
-@pytest.fixture(scope="session")
-def vision_bundle(tmp_path_factory, twin_llm_bundle, medgemma_twin):
-    from export.medgemma_vision import export_vision_onnx
-
-    out = tmp_path_factory.mktemp("vision") / "b"
-    shutil.copytree(twin_llm_bundle, out)
-    export_vision_onnx(medgemma_twin, bundle=out, precisions="fp32,int8")
-    return out
-
-
 def _image(seed: int):
     buf = io.BytesIO()
     # already at the tiny twin's 128 px: both paths see the same pixels, no resampling in between
