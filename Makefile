@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench lint deps wheelhouse clean
+.PHONY: demo test bench bench-export lint deps wheelhouse clean
 
 demo: $(DEPS_STAMP)
 	$(BIN)/medgemma-edge demo
@@ -25,6 +25,9 @@ test: $(DEPS_STAMP)
 
 bench: $(DEPS_STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+bench-export: $(DEPS_STAMP)
+	$(BIN)/python benchmarks/run_all.py --exports
 
 lint: $(DEPS_STAMP)
 	$(BIN)/ruff check edge export android_bridge tests benchmarks

@@ -1,25 +1,42 @@
-"""Run every benchmark script in this folder, in turn (``make bench``)."""
+"""``make bench``: the runtime benchmarks, in turn, each printing its tables.
+
+    bench_profiles.py   every device profile + the image path on the `full` twins (built once,
+                        cached; see full_bundle.py)
+    bench_llm.py        the runtime's overhead against raw llama-cpp-python (real Gemma 3 270M)
+    bench_cases.py      case-index throughput and search latency (tiny twin + synthetic vectors)
+
+``--exports`` (``make bench-export``) adds the export pipelines (bench_gguf_export.py,
+bench_onnx_export.py): each re-runs a full-size export, ~15-25 min apiece on 2 cores.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RUNTIME = ("bench_profiles.py", "bench_llm.py", "bench_cases.py")
+EXPORTS = ("bench_gguf_export.py", "bench_onnx_export.py")
 
 
-def main() -> int:
-    scripts = sorted(p for p in HERE.glob("bench_*.py"))
-    if not scripts:
-        print("no benchmarks yet")
-        return 0
-    failed = 0
+def main(argv: list[str]) -> int:
+    scripts = list(RUNTIME) + (list(EXPORTS) if "--exports" in argv else [])
+    failed = []
+    t_all = time.perf_counter()
     for script in scripts:
-        print(f"== {script.name} ==", flush=True)
-        failed += subprocess.call([sys.executable, str(script)]) != 0
+        print(f"\n== {script} ==", flush=True)
+        t0 = time.perf_counter()
+        if subprocess.call([sys.executable, str(HERE / script)]) != 0:
+            failed.append(script)
+        print(f"[{script}: {time.perf_counter() - t0:.0f} s]", flush=True)
+    print(
+        f"\nall benchmarks: {time.perf_counter() - t_all:.0f} s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

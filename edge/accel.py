@@ -47,7 +47,7 @@ def llama_gpu_layers(requested: int) -> int:
 
     if llama_cpp.llama_supports_gpu_offload():
         return requested
-    log.warning(
+    log.info(
         "GPU offload of %s layers requested but this llama-cpp-python build has no GPU backend; "
         "running on the CPU (rebuild with CMAKE_ARGS=-DGGML_CUDA=on, see docs/BUILDING.md)",
         "all" if requested < 0 else requested,
@@ -63,7 +63,7 @@ def ort_providers(gpu: bool) -> list[str]:
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    log.warning(
+    log.info(
         "CUDA requested for onnxruntime but this onnxruntime has no CUDA provider "
         "(install onnxruntime-gpu); running on the CPU"
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from edge.cli import default_bundle, emit_json
 from edge.errors import InputError, UsageError
 
+log = logging.getLogger(__name__)
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 
@@ -18,21 +20,59 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-b", "--bundle", default=default_bundle(), help="bundle directory ($MEDGEMMA_EDGE_BUNDLE)"
     )
-    p.add_argument("--quant", help="which text model of the bundle (e.g. Q4_K_M); default the first")
-    p.add_argument("--ctx", type=int, default=4096, help="context length in tokens (default 4096)")
+    p.add_argument(
+        "--profile",
+        default="auto",
+        help="device profile from models/profiles.toml (phone-4GB, phone-8GB, jetson-orin-nano-8GB, "
+        "laptop-8GB, laptop-16GB); default auto: chosen from this machine's RAM and kind",
+    )
+    p.add_argument("--quant", help="which text model of the bundle (e.g. Q4_K_M); default: the profile's")
+    p.add_argument("--ctx", type=int, help="context length in tokens (default: the profile's)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0, q4_0, f32")
+    p.add_argument("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32 (default: the profile's)")
     p.add_argument("--no-flash-attn", action="store_true", help="disable flash attention")
     p.add_argument("--no-mmap", action="store_true", help="read weights into RAM instead of mapping them")
+    p.add_argument(
+        "--no-repack", action="store_true", help="no repacked weight copy (less RAM, slower on x86)"
+    )
+    p.add_argument("--gpu-layers", type=int, help="layers to offload to a GPU (-1 all; needs a GPU build)")
     p.add_argument(
         "--image-cache", type=Path, help="also keep encoded images in this directory (size-bounded)"
     )
     p.add_argument(
         "--image-encoder",
-        default="auto",
         choices=("auto", "mmproj", "onnx"),
-        help="auto: the bundle's ONNX image encoder when it has one (faster), else llama.cpp's mmproj",
+        help="onnx: the bundle's ONNX image encoder (faster, no mmproj in memory); mmproj: llama.cpp's "
+        "projector; default: the profile's, when the bundle has it",
     )
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """MedGemma keyword arguments from the profile (``--profile``, auto-detected by default),
+    overridden by the flags given explicitly."""
+    from edge import profiles
+    from edge.bundle import open_bundle
+    from edge.image_cache import ImageCache
+    from edge.llm import resolve_bundle
+
+    bundle = open_bundle(resolve_bundle(args.bundle))
+    name, kwargs = profiles.medgemma_options(
+        bundle,
+        args.profile,
+        quant=args.quant,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        kv_type=args.kv_type,
+        flash_attn=False if args.no_flash_attn else None,
+        use_mmap=False if args.no_mmap else None,
+        repack=False if args.no_repack else None,
+        gpu_layers=args.gpu_layers,
+        image_encoder=args.image_encoder,
+    )
+    if args.image_cache:
+        kwargs["image_cache"] = ImageCache(disk_dir=args.image_cache)
+    log.info("device profile %s: %s", name, {k: v for k, v in kwargs.items() if k != "image_cache"})
+    return kwargs
 
 
 def add_ask_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,21 +105,9 @@ def load_schema(arg: str | None) -> dict | None:
 
 
 def open_model(args: argparse.Namespace):
-    from edge.image_cache import ImageCache
     from edge.llm import MedGemma, resolve_bundle
 
-    cache = ImageCache(disk_dir=args.image_cache) if args.image_cache else None
-    return MedGemma(
-        resolve_bundle(args.bundle),
-        quant=args.quant,
-        n_ctx=args.ctx,
-        n_threads=args.threads,
-        flash_attn=not args.no_flash_attn,
-        kv_type=args.kv_type,
-        use_mmap=not args.no_mmap,
-        image_cache=cache,
-        image_encoder=args.image_encoder,
-    )
+    return MedGemma(resolve_bundle(args.bundle), **model_kwargs(args))
 
 
 def run_ask(args: argparse.Namespace) -> int:

@@ -69,19 +69,24 @@ def _noise_image(size: int = 896):
 def run_bench(
     bundle: str | os.PathLike,
     *,
-    quant: str | None = None,
-    n_ctx: int = 2048,
-    threads: int | None = None,
+    profile: str | None = None,
     tokens: int = 64,
     prompt_tokens: int = 256,
     image: bool = True,
+    **overrides,
 ) -> dict:
-    """Measure one bundle's MedGemma on this device. Returns a flat dict of figures."""
+    """Measure one bundle's MedGemma (and MedSigLIP, when the bundle has it) on this device
+    under a device profile (auto-detected when None); ``overrides`` are MedGemma keyword
+    arguments that win over the profile. Returns a flat dict of figures."""
+    from edge import profiles
+    from edge.bundle import open_bundle
     from edge.gguf_header import read_header
     from edge.llm import GenerateOptions, MedGemma
 
+    opened = open_bundle(bundle)
+    name, kwargs = profiles.medgemma_options(opened, profile, **overrides)
     t0 = time.perf_counter()
-    model = MedGemma(bundle, quant=quant, n_ctx=n_ctx, n_threads=threads)
+    model = MedGemma(opened, **kwargs)
     load_s = time.perf_counter() - t0
     with model:
         header = read_header(model.bundle.path(model.info["text"]))
@@ -91,34 +96,41 @@ def run_bench(
         text = model.ask(
             filler + " Summarize.", options=GenerateOptions(max_tokens=tokens, temperature=0.0, stop=[])
         )
+        est = model.memory_estimate
         out = {
             "bundle": str(model.bundle.root),
+            "profile": name,
             "text": model.info["text"],
             "quant": model.info["quant"],
+            "image_encoder": model.info["image_encoder"],
             "synthetic": model.info["synthetic"],
             "threads": model.n_threads,
             "n_ctx": model.n_ctx,
+            "kv_type": kwargs.get("kv_type"),
+            "repack": kwargs.get("repack"),
+            "swa_full": kwargs.get("swa_full"),
             "load_s": load_s,
             "prompt_tokens": text.usage["prompt_tokens"],
             "prompt_tps": text.timings["prompt_tps"],
             "ttft_text_s": text.timings["ttft_s"],
             "generated_tokens": text.usage["completion_tokens"],
             "generation_tps": text.timings["generation_tps"],
-            "memory_estimate_bytes": model.memory_estimate.total,
+            "memory_estimate_bytes": est.total,
+            "memory_estimate": {
+                "weights": est.weights,
+                "repacked": est.repacked,
+                "kv_cache": est.kv_cache,
+                "image_encoder": est.projector,
+                "buffers": est.overhead,
+            },
+            "file_bytes": est.weights,
         }
-        if image and model.mtmd is not None:
-            img = _noise_image()
-            opts = GenerateOptions(max_tokens=8, temperature=0.0)
-            cold = model.ask("Describe this image.", images=[img], options=opts)
-            warm = model.ask("Describe this image.", images=[img], options=opts)
-            out.update(
-                ttft_image_cold_s=cold.timings["ttft_s"],
-                image_encode_s=cold.timings["image_encode_s"],
-                ttft_image_cached_s=warm.timings["ttft_s"],
-            )
-    out["peak_rss_bytes"] = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )  # before the bandwidth buffer
+        out["peak_rss_text_bytes"] = _peak_rss()
+        if image and model.encoder is not None:
+            out.update(_image_figures(model, GenerateOptions(max_tokens=8, temperature=0.0)))
+    out["peak_rss_bytes"] = _peak_rss()  # before the bandwidth buffer
+    if image and "medsiglip" in opened.manifest.get("components", {}):
+        out.update(_medsiglip_figures(opened, kwargs.get("n_threads") or model.n_threads))
     bw = memory_bandwidth(out["threads"])
     per_token = weight_bytes_per_token(header)
     out.update(
@@ -128,6 +140,53 @@ def run_bench(
         roofline_fraction=out["generation_tps"] / (bw / per_token),
     )
     return out
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _image_figures(model, opts) -> dict:
+    """Image question cold (encoder runs), a follow-up in the same conversation, a new question
+    about the same image, and the same with the KV cache dropped (embeddings from the cache)."""
+    img = _noise_image(model.encoder.spec.height if hasattr(model.encoder, "spec") else 896)
+    question = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}
+    ]
+
+    def run(messages) -> dict:
+        *_, last = model.stream(messages, images=[img], options=opts)
+        return last.timings
+
+    cold = run(question)
+    answer = "The image shows a frontal chest radiograph."  # a fixed turn: the same for every run
+    follow = run(
+        question + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Any effusion?"}]
+    )
+    again = run(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is the heart enlarged?"}]}]
+    )
+    model._held = []  # forget what the KV cache holds: the image comes from the embedding cache
+    cached = run(question)
+    return {
+        "ttft_image_cold_s": cold["ttft_s"],
+        "image_encode_s": cold["image_encode_s"],
+        "ttft_image_followup_s": follow["ttft_s"],
+        "followup_reused_tokens": follow["kv_reused_tokens"],
+        "ttft_image_new_question_s": again["ttft_s"],
+        "ttft_image_cached_s": cached["ttft_s"],
+    }
+
+
+def _medsiglip_figures(bundle, threads: int) -> dict:
+    from edge.siglip import MedSigLIP
+
+    img = _noise_image(448)
+    sig = MedSigLIP(bundle, threads=threads)
+    sig.embed_images([img])  # warm-up: session initialisation
+    t0 = time.perf_counter()
+    sig.embed_images([img])
+    return {"medsiglip_encode_s": time.perf_counter() - t0, "medsiglip_precision": sig.precision}
 
 
 def append_history(result: dict, path: Path = HISTORY) -> Path:
@@ -145,13 +204,10 @@ def append_history(result: dict, path: Path = HISTORY) -> Path:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from edge.cli import default_bundle
+    from edge.ask import add_model_options
 
     p = sub.add_parser("bench", help="measure this device with a bundle: speed, latency, memory")
-    p.add_argument("-b", "--bundle", default=default_bundle())
-    p.add_argument("--quant")
-    p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--threads", type=int)
+    add_model_options(p)
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--no-image", action="store_true")
     p.add_argument("--history", type=Path, default=HISTORY, help=f"append results here (default {HISTORY})")
@@ -160,20 +216,32 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
+    from edge.ask import model_kwargs
     from edge.llm import resolve_bundle
 
+    kwargs = model_kwargs(args)  # the profile's choices with the flags applied
     r = run_bench(
         resolve_bundle(args.bundle),
-        quant=args.quant,
-        n_ctx=args.ctx,
-        threads=args.threads,
+        profile=args.profile,
         tokens=args.tokens,
         image=not args.no_image,
+        **kwargs,
     )
     path = append_history(r, args.history)
     if args.json:
         emit_json({"ok": True, "history": str(path), **r})
         return 0
+    print(
+        f"{r['bundle']} — {r['text']}, profile {r['profile']}, {r['threads']} threads"
+        + (" (synthetic twin)" if r["synthetic"] else "")
+    )
+    for k, v in table_rows(r):
+        print(f"  {k:<30} {v}")
+    print(f"history: {path}")
+    return 0
+
+
+def table_rows(r: dict) -> list[tuple[str, str]]:
     gib = 2**30
     rows = [
         ("load", f"{r['load_s']:.2f} s"),
@@ -188,20 +256,21 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     ]
     if "ttft_image_cold_s" in r:
         rows += [
+            ("image encoder", str(r["image_encoder"])),
             (
-                "first token, image (cold)",
+                "first token, image cold",
                 f"{r['ttft_image_cold_s']:.2f} s (encode {r['image_encode_s']:.2f} s)",
             ),
-            ("first token, image (cached)", f"{r['ttft_image_cached_s']:.2f} s"),
+            (
+                "first token, follow-up",
+                f"{r['ttft_image_followup_s']:.2f} s ({r['followup_reused_tokens']} tokens reused)",
+            ),
+            ("first token, same image", f"{r['ttft_image_new_question_s']:.2f} s (new question)"),
+            ("first token, KV dropped", f"{r['ttft_image_cached_s']:.2f} s (embeddings from cache)"),
         ]
-    rows += [
+    if "medsiglip_encode_s" in r:
+        rows.append(("MedSigLIP image", f"{r['medsiglip_encode_s']:.2f} s ({r['medsiglip_precision']})"))
+    rows.append(
         ("peak RSS", f"{r['peak_rss_bytes'] / gib:.2f} GiB (estimate {r['memory_estimate_bytes'] / gib:.2f})")
-    ]
-    print(
-        f"{r['bundle']} — {r['text']}, {r['threads']} threads"
-        + (" (synthetic twin)" if r["synthetic"] else "")
     )
-    for k, v in rows:
-        print(f"  {k:<28} {v}")
-    print(f"history: {path}")
-    return 0
+    return rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,21 +30,35 @@ MARKER = "<__media__>"  # libmtmd's default media marker: where an image goes in
 
 
 class OnnxImageEncoder:
-    """The bundle's ONNX vision tower + projector."""
+    """The bundle's ONNX vision tower + projector.
+
+    The onnxruntime session opens on the first image, not with the model: a text-only session
+    never holds it. With ``keep=False`` (the phone profiles) it is closed again after each
+    image, trading ~1 s of session start per new image for the encoder's memory between images.
+    """
 
     name = "onnx"
 
-    def __init__(self, path: Path, entry: dict, *, threads: int, gpu: bool = False):
+    def __init__(self, path: Path, entry: dict, *, threads: int, gpu: bool = False, keep: bool = True):
         from edge.siglip_preprocess import ImageSpec
 
-        self.entry = entry
+        self.path, self.entry, self.threads, self.gpu, self.keep = path, entry, threads, gpu, keep
         self.spec = ImageSpec.from_json(entry["preprocess"])
         self.n_tokens = int(entry["preprocess"].get("tokens", 256))
-        try:
-            self.session = accel.ort_session(path, threads=threads, gpu=gpu)
-        except Exception as exc:  # onnxruntime's own exception types
-            raise IntegrityError(f"{path}: onnxruntime can't load it ({str(exc).splitlines()[0]})") from None
         self.file_bytes = path.stat().st_size
+        self.session = None
+
+    def _open(self):
+        if self.session is None:
+            t0 = time.perf_counter()
+            try:
+                self.session = accel.ort_session(self.path, threads=self.threads, gpu=self.gpu)
+            except Exception as exc:  # onnxruntime's own exception types
+                raise IntegrityError(
+                    f"{self.path}: onnxruntime can't load it ({str(exc).splitlines()[0]})"
+                ) from None
+            log.info("opened %s in %.2fs", self.entry["path"], time.perf_counter() - t0)
+        return self.session
 
     def tokens_for(self, image: LoadedImage) -> int:
         return self.n_tokens
@@ -52,7 +67,11 @@ class OnnxImageEncoder:
         from edge.siglip_preprocess import image_to_pixels
 
         pixels = image_to_pixels(image.image, self.spec)[None]  # [1, 3, S, S]
-        out = self.session.run(None, {"pixel_values": pixels})[0][0]  # [T, n_embd]
+        try:
+            out = self._open().run(None, {"pixel_values": pixels})[0][0]  # [T, n_embd]
+        finally:
+            if not self.keep:
+                self.close()
         if out.shape != (self.n_tokens, n_embd):
             raise InputError(
                 f"{self.entry['path']} gives {out.shape} embeddings; the language model expects "
@@ -79,7 +98,9 @@ class MmprojImageEncoder:
         params.print_timings = False
         params.n_threads = threads
         params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self.ctx = mtmd_cpp.mtmd_init_from_file(str(path).encode(), model, params)
         if not self.ctx:

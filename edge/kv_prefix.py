@@ -82,7 +82,7 @@ def reusable_prefix(held: list, wanted: list) -> int:
     prefix, never splitting an image, and at least one position left to evaluate (the last
     prompt token is evaluated again so its logits exist)."""
     k = 0
-    for a, b in zip(held, wanted[:-1]):
+    for a, b in zip(held, wanted[:-1], strict=False):
         if a != b:
             break
         k += 1

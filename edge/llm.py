@@ -56,14 +56,16 @@ def _quiet_native_logs() -> None:
     llog.set_verbose(log.isEnabledFor(logging.DEBUG))
 
 
-def _choose_encoder(bundle: Bundle, comp: dict, choice: str) -> dict | None:
+def _choose_encoder(bundle: Bundle, comp: dict, choice: str, mmproj_type: str | None = None) -> dict | None:
     """The manifest entry of the image encoder to load (None: the bundle has none)."""
     if choice not in ("auto", "mmproj", "onnx"):
         raise UsageError(f"unknown image encoder {choice!r} (auto, mmproj or onnx)")
     onnx = sorted(
         (f for f in comp["files"] if f["role"] == "vision-onnx"), key=lambda f: f.get("precision") != "int8"
     )
-    mmproj = [f for f in comp["files"] if f["role"] == "mmproj"]
+    mmproj = sorted(
+        (f for f in comp["files"] if f["role"] == "mmproj"), key=lambda f: f.get("quant") != mmproj_type
+    )
     if choice == "onnx" and not onnx:
         raise InputError(f"bundle {bundle.root} has no ONNX image encoder (medgemma/vision-*.onnx)")
     if choice == "mmproj" and not mmproj:
@@ -115,6 +117,9 @@ class MedGemma:
             reused; off trims it to the window (less memory, less reuse).
         gpu_layers: layers to offload to a GPU (-1 all); 0 or no GPU build: CPU.
         image_gpu: run the ONNX image encoder with CUDA when onnxruntime can.
+        mmproj_type: which mmproj (``f16``, ``q8_0``) when the bundle has several.
+        keep_encoder: keep the ONNX image encoder open between images (off in the phone
+            profiles: its memory is given back after each image).
     Raises:
         InputError / IntegrityError: missing component or file, hash mismatch (names the file).
         ResourceError: not enough memory for the model and context.
@@ -139,12 +144,14 @@ class MedGemma:
         swa_full: bool = True,
         gpu_layers: int = 0,
         image_gpu: bool = False,
+        mmproj_type: str | None = None,
+        keep_encoder: bool = True,
     ):
         t0 = time.perf_counter()
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         comp = self.bundle.component("medgemma")
         text_entry = self.bundle.file("medgemma", "text", **({"quant": quant} if quant else {}))
-        encoder_entry = _choose_encoder(self.bundle, comp, image_encoder) if vision else None
+        encoder_entry = _choose_encoder(self.bundle, comp, image_encoder, mmproj_type) if vision else None
         wanted = {text_entry["path"]} | ({encoder_entry["path"]} if encoder_entry else set())
         self.bundle.verify(component="medgemma", paths=wanted).raise_for_failure()
         if kv_type not in _KV_TYPES:
@@ -193,7 +200,9 @@ class MedGemma:
         if encoder_entry is not None:
             path = self.bundle.path(encoder_entry)
             if encoder_entry["role"] == "vision-onnx":
-                self.encoder = OnnxImageEncoder(path, encoder_entry, threads=self.n_threads, gpu=image_gpu)
+                self.encoder = OnnxImageEncoder(
+                    path, encoder_entry, threads=self.n_threads, gpu=image_gpu, keep=keep_encoder
+                )
             else:
                 self.encoder = MmprojImageEncoder(
                     path,

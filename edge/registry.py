@@ -69,7 +69,9 @@ def _load(path: Path) -> ModelSpec:
 
 @cache
 def all_models() -> dict[str, ModelSpec]:
-    return {s.id: s for s in (_load(p) for p in sorted(REGISTRY_DIR.glob("*.toml")))}
+    return {
+        s.id: s for s in (_load(p) for p in sorted(REGISTRY_DIR.glob("*.toml")) if p.name != "profiles.toml")
+    }
 
 
 def get(model_id: str) -> ModelSpec:

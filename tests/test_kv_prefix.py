@@ -65,7 +65,12 @@ def test_split_prompt_tokenizes_like_libmtmd(twin_llm_bundle):
         inp = mtmd_cpp.mtmd_input_text()
         inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), False, True
         chunks = mtmd_cpp.mtmd_input_chunks_init()
-        assert mtmd_cpp.mtmd_tokenize(m.encoder.ctx, chunks, ctypes.byref(inp), (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        assert (
+            mtmd_cpp.mtmd_tokenize(
+                m.encoder.ctx, chunks, ctypes.byref(inp), (mtmd_cpp.mtmd_bitmap_p_ctypes * 1)(bitmap), 1
+            )
+            == 0
+        )
         theirs, n_image = [], 0
         for i in range(mtmd_cpp.mtmd_input_chunks_size(chunks)):
             chunk = mtmd_cpp.mtmd_input_chunks_get(chunks, i)
@@ -158,7 +163,9 @@ def test_cancelled_prefill_leaves_nothing_stale(twin_llm_bundle):
         again = list(m.stream(_msgs("Describe."), images=[image], options=GREEDY))
         tokens = _tokens(m, again)
     with MedGemma(twin_llm_bundle, n_ctx=512) as fresh:
-        assert _tokens(fresh, list(fresh.stream(_msgs("Describe."), images=[image], options=GREEDY))) == tokens
+        assert (
+            _tokens(fresh, list(fresh.stream(_msgs("Describe."), images=[image], options=GREEDY))) == tokens
+        )
 
 
 @pytest.mark.parametrize("options", [{"swa_full": False}, {"repack": False}, {"image_encoder": "mmproj"}])

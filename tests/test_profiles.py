@@ -1,0 +1,98 @@
+"""Device profiles (models/profiles.toml, edge/profiles.py) and the memory estimate's terms."""
+
+import pytest
+from conftest import run_cli
+
+from edge import profiles, resources
+from edge.bundle import open_bundle
+from edge.errors import UsageError
+from edge.gguf_header import read_header
+
+GIB = 2**30
+KNOBS = {
+    "quant",
+    "image_encoder",
+    "mmproj",
+    "n_ctx",
+    "kv_type",
+    "flash_attn",
+    "repack",
+    "swa_full",
+    "threads",
+}
+
+
+def test_every_profile_sets_every_knob():
+    all_ = profiles.all_profiles()
+    assert set(all_) == {"phone-4GB", "phone-8GB", "jetson-orin-nano-8GB", "laptop-8GB", "laptop-16GB"}
+    for name, prof in all_.items():
+        assert KNOBS <= set(prof), (name, KNOBS - set(prof))
+        assert prof["kv_type"] in ("f16", "q8_0", "q4_0", "f32")
+    assert not all_["phone-4GB"]["repack"] and all_["laptop-8GB"]["repack"]
+
+
+@pytest.mark.parametrize(
+    "gib, jetson, android, expected",
+    [
+        (3.7, False, True, "phone-4GB"),
+        (7.6, False, True, "phone-8GB"),
+        (7.4, True, False, "jetson-orin-nano-8GB"),
+        (7.7, False, False, "laptop-8GB"),
+        (15.5, False, False, "laptop-16GB"),
+        (64, False, False, "laptop-16GB"),
+        (3.8, False, False, "phone-4GB"),
+    ],
+)
+def test_detect(gib, jetson, android, expected):
+    assert profiles.detect(int(gib * GIB), jetson=jetson, android=android) == expected
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(UsageError, match="phone-4GB.*laptop-16GB"):
+        profiles.get("watch-1GB")
+
+
+def test_options_take_the_first_quant_the_bundle_has_and_flags_win(twin_llm_bundle):
+    b = open_bundle(twin_llm_bundle)  # holds Q8_0 only
+    name, opts = profiles.medgemma_options(b, "phone-4GB")
+    assert name == "phone-4GB" and opts["quant"] == "Q8_0"  # none of Q4_0/Q4_K_M: what there is
+    assert opts["n_ctx"] == 2048 and opts["kv_type"] == "q8_0" and opts["repack"] is False
+    assert opts["image_encoder"] == "mmproj"  # the profile prefers ONNX; this bundle has none
+    _, opts = profiles.medgemma_options(b, "laptop-16GB", n_ctx=512, kv_type=None)
+    assert opts["n_ctx"] == 512 and opts["kv_type"] == "f16"  # None: the profile's
+
+
+def test_ask_with_a_profile_and_a_bad_one(twin_llm_bundle):
+    ok = run_cli(
+        "ask", "hello", "-b", str(twin_llm_bundle), "--profile", "phone-4GB", "--max-tokens", "2", "--json"
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("ask", "hello", "-b", str(twin_llm_bundle), "--profile", "watch-1GB")
+    assert bad.returncode == 2 and "unknown device profile" in bad.stderr
+
+
+def test_repacked_copy_counts_the_types_the_cpu_repacks(twin_llm_bundle):
+    b = open_bundle(twin_llm_bundle)
+    header = read_header(b.path(b.file("medgemma", "text")))  # Q8_0 matmul weights
+    assert resources.repacked_bytes(header, "x86_64") == 0  # x86 repacks Q4 types, not Q8_0
+    arm = resources.repacked_bytes(header, "aarch64")
+    q8 = sum(_q8_matmul_bytes(header))
+    assert arm == q8 > 0
+
+
+def _q8_matmul_bytes(header):
+    from edge.gguf_header import tensor_bytes
+
+    for name, (shape, ttype) in header.tensors.items():
+        if ttype == 8 and len(shape) == 2 and not name.startswith("token_embd"):
+            yield tensor_bytes(shape, ttype)
+
+
+def test_sliding_window_cache_is_smaller_when_not_full(twin_llm_bundle):
+    b = open_bundle(twin_llm_bundle)
+    header = read_header(b.path(b.file("medgemma", "text")))
+    window = int(header.arch_key("attention.sliding_window"))
+    n_ctx = window * 4
+    full = resources.kv_cache_bytes(header, n_ctx, "f16", swa_full=True)
+    trimmed = resources.kv_cache_bytes(header, n_ctx, "f16", swa_full=False)
+    assert trimmed < full
