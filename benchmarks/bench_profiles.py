@@ -137,6 +137,7 @@ def main() -> int:
         ("first token, embeddings cached, KV dropped (s)", mm["ttft_image_cached_s"], ox["ttft_image_cached_s"]),
         ("first token, follow-up, KV reused (s)", mm["ttft_image_followup_s"], ox["ttft_image_followup_s"]),
         ("first token, new question same image (s)", mm["ttft_image_new_question_s"], ox["ttft_image_new_question_s"]),
+        ("first token after prepare_image (s)", mm["ttft_image_prepared_s"], ox["ttft_image_prepared_s"]),
         ("peak RSS (GiB)", mm["peak_rss_bytes"] / GIB, ox["peak_rss_bytes"] / GIB),
     ]  # fmt: skip
     print(f"{'':<50}{'mmproj f16':>12}{'ONNX int8':>12}{'ratio':>8}")

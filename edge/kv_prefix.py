@@ -77,12 +77,12 @@ def _image_start(ids: list, k: int) -> int:
     return k
 
 
-def reusable_prefix(held: list, wanted: list) -> int:
+def reusable_prefix(held: list, wanted: list, *, keep_last: bool = True) -> int:
     """How many leading positions of ``wanted`` the cache (holding ``held``) can keep: the common
-    prefix, never splitting an image, and at least one position left to evaluate (the last
-    prompt token is evaluated again so its logits exist)."""
+    prefix, never splitting an image, and (``keep_last``) at least one position left to
+    evaluate, since the last prompt token is evaluated again so that its logits exist."""
     k = 0
-    for a, b in zip(held, wanted[:-1], strict=False):
+    for a, b in zip(held, wanted[:-1] if keep_last else wanted, strict=False):
         if a != b:
             break
         k += 1

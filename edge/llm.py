@@ -299,23 +299,38 @@ class MedGemma:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         wait: bool = True,
+        prefill: bool = True,
     ) -> dict:
-        """Encode ``image`` ahead of a question about it (say, while the user types), so the
-        question starts from the cache. Returns ``{"key", "cached", "encode_s"}``."""
+        """Get ready for a question about ``image`` before it is asked (say, while the user
+        types): encode it into the cache and, with ``prefill``, also run the start of the
+        conversation through the model (the user turn up to and including the image), so the
+        question that follows evaluates only its own tokens. Returns ``{"key", "cached",
+        "encode_s", "prefilled_tokens"}``."""
         if self.encoder is None:
             raise UsageError("this model has no image encoder: it can't take images")
         if not self._lock.acquire(blocking=wait):
             raise Busy("the model is answering another request; try again when it finishes")
         try:
-            key = self._image_key(image)
             stats = {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
-            if progress:
-                progress("image", 0, 1)
-            if cancel is None or not cancel.is_set():
-                self._embeddings(image, key, stats)
+            key = self._image_key(image)
+            if prefill:
+                opening = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ""}]}]
+                segments = self._conversation_segments(opening, [image])
+                upto = next(i for i, s in enumerate(segments) if isinstance(s, kv_prefix.ImageSegment))
+                self._evaluate(segments[: upto + 1], [image], cancel, progress, stats, need_logits=False)
+            else:
                 if progress:
-                    progress("image", 1, 1)
-            return {"key": key, "cached": stats["image_cache_hits"] == 1, "encode_s": stats["image_encode_s"]}
+                    progress("image", 0, 1)
+                if cancel is None or not cancel.is_set():
+                    self._embeddings(image, key, stats)
+                    if progress:
+                        progress("image", 1, 1)
+            return {
+                "key": key,
+                "cached": stats["image_encode_s"] == 0.0,
+                "encode_s": stats["image_encode_s"],
+                "prefilled_tokens": len(self._held) if prefill else 0,
+            }
         finally:
             self._lock.release()
 
@@ -335,18 +350,24 @@ class MedGemma:
             for s in segments
         ]
 
-    def _prefill(self, messages, images, cancel, progress, stats) -> list[int]:
-        """Render, split, check the context, then evaluate what the KV cache doesn't hold yet.
-        Returns the prompt's token ids (image positions hold a placeholder id)."""
+    def _conversation_segments(self, messages, images) -> list[kv_prefix.Segment]:
         text, n_markers = self.render(messages)
         if n_markers != len(images):
             raise UsageError(
                 f"the conversation has {n_markers} image part(s) but {len(images)} image(s) were given"
             )
-        segments = self._segments(text, images)
+        return self._segments(text, images)
+
+    def _prefill(self, messages, images, cancel, progress, stats) -> list[int]:
+        """Render and evaluate a conversation; returns the prompt's token ids."""
+        return self._evaluate(self._conversation_segments(messages, images), images, cancel, progress, stats)
+
+    def _evaluate(self, segments, images, cancel, progress, stats, *, need_logits: bool = True) -> list[int]:
+        """Check the context, then evaluate what the KV cache doesn't hold yet. Returns the
+        prompt's token ids (image positions hold a placeholder id); [] when cancelled."""
         wanted = kv_prefix.identities(segments)
         self._check_context(len(wanted), len(images))
-        keep = kv_prefix.reusable_prefix(self._held, wanted)
+        keep = kv_prefix.reusable_prefix(self._held, wanted, keep_last=need_logits)
         ctx = self.llama._ctx.ctx
         if not kv_prefix.remove_from(ctx, keep):
             keep = 0

@@ -179,16 +179,20 @@ def test_memory_saving_options_answer_the_same(twin_llm_bundle, options):
     assert got == ref
 
 
-def test_prepare_image_fills_the_cache(twin_llm_bundle):
+def test_prepare_image_encodes_and_prefills(twin_llm_bundle):
     image = _image(7)
     events = []
     with MedGemma(twin_llm_bundle, n_ctx=256) as m:
         first = m.prepare_image(image, progress=lambda *e: events.append(e))
         again = m.prepare_image(image)
         answer = m.ask("Describe.", images=[image], options=GenerateOptions(max_tokens=2))
-    assert not first["cached"] and first["encode_s"] > 0 and again["cached"]
+        only_encoded = m.prepare_image(_image(9), prefill=False)
+        assert only_encoded["prefilled_tokens"] == 0 and only_encoded["encode_s"] > 0
+    assert not first["cached"] and first["encode_s"] > 0 and first["prefilled_tokens"] > 16
+    assert again["cached"] and again["prefilled_tokens"] == first["prefilled_tokens"]
     assert events == [("image", 0, 1), ("image", 1, 1)]
     assert answer.image_cache == {"hits": 1, "misses": 0}
+    assert answer.timings["kv_reused_tokens"] == first["prefilled_tokens"]  # the question alone was evaluated
 
 
 def test_onnx_encoder_runs_without_the_mmproj(vision_bundle):
