@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from android_bridge import media
+from android_bridge.pictures import THUMBNAIL_SIDES, Thumbnails
 from android_bridge.protocol import (
     OPS,
     VERSION,
@@ -90,6 +91,7 @@ class Bridge:
         self.shutting_down = threading.Event()
         self._active: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self.thumbnails = Thumbnails()
         # Transports run requests on these long-lived threads rather than a thread per request:
         # with a fresh thread each time, glibc handed out new malloc arenas and RSS crept up.
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bridge")
@@ -304,6 +306,34 @@ class Bridge:
             value |= {"parsed": last.parsed, "schema_errors": last.schema_errors}
         return Outcome(value, last.finish_reason, last.usage, dict(last.timings))
 
+    def _op_prepare_image(self, ctx: Context) -> Outcome:
+        """Encode images for MedGemma ahead of the question (a page starts this when an image
+        is dropped, while the user types); a later generate with them hits the image cache."""
+        model = self.runtime.require("medgemma")
+        prepare = getattr(model, "prepare_image", None)
+        if prepare is None:
+            raise ProtocolError(
+                "not_loaded", "this MedGemma can't encode images ahead; generate encodes them"
+            )
+        images = [media.load(src, allow_paths=self.allow_paths) for src in media.image_list(ctx.req.params)]
+        stats = {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
+        out = []
+        for i, image in enumerate(images):
+
+            def progress(stage: str, n: int, total: int, i: int = i) -> None:
+                ctx.event("progress", stage="image", done=i * total + n, total=len(images) * total)
+
+            try:
+                got = prepare(image, progress=progress, cancel=ctx.cancel, wait=False)
+            except Busy as exc:
+                raise ProtocolError("busy", str(exc), retry_after=RETRY_AFTER_S) from None
+            if ctx.cancel.is_set():
+                break
+            out.append({"cached": bool(got["cached"]), "encode_s": float(got["encode_s"])})
+            stats["image_encode_s"] += out[-1]["encode_s"]
+            stats["image_cache_hits" if out[-1]["cached"] else "image_cache_misses"] += 1
+        return Outcome({"images": out}, timings=stats)
+
     def _op_embed_image(self, ctx: Context) -> Outcome:
         encoder = self.runtime.require("medsiglip")
         images = [media.load(src, allow_paths=self.allow_paths) for src in media.image_list(ctx.req.params)]
@@ -343,12 +373,20 @@ class Bridge:
             raise ProtocolError("invalid_request", f"k must be an integer from 1 to {MAX_K}")
         index = self.runtime.require_index()
         encoder = self.runtime.require("medsiglip")
+        side = p.get("thumbnails")
+        lo, hi = THUMBNAIL_SIDES
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not lo <= side <= hi):
+            raise ProtocolError("invalid_request", f"thumbnails must be a size in pixels from {lo} to {hi}")
         if isinstance(p.get("text"), str):
             hits = index.search_text(p["text"], encoder=encoder, k=k)
         else:
             image = media.load(media.one_image(p), allow_paths=self.allow_paths)
             hits = index.search_image(image, encoder=encoder, k=k)
-        return Outcome({"matches": [_entry(e) for e in hits]})
+        matches = [_entry(e) for e in hits]
+        if side:
+            for m, e in zip(matches, hits, strict=True):
+                m["thumbnail"] = self.thumbnails.get(m["content"], str(_field(e, "content_hash") or ""), side)
+        return Outcome({"matches": matches})
 
     def _op_cancel(self, ctx: Context) -> Outcome:
         target = ctx.req.params.get("target")
@@ -409,13 +447,16 @@ def _embeddings(rows) -> dict:
     }
 
 
+def _field(e: Any, key: str) -> Any:
+    return e.get(key) if isinstance(e, dict) else getattr(e, key, None)
+
+
 def _entry(e: Any) -> dict:
-    get = e.get if isinstance(e, dict) else lambda k, d=None: getattr(e, k, d)
     return {
-        "id": str(get("id")),
-        "score": float(get("score")),
-        "content": get("content"),
-        "metadata": get("metadata") or {},
+        "id": str(_field(e, "id")),
+        "score": float(_field(e, "score")),
+        "content": _field(e, "content"),
+        "metadata": _field(e, "metadata") or {},
     }
 
 

@@ -1,10 +1,12 @@
 """The loopback HTTP app (Starlette): ``POST /v1/rpc`` plus the OpenAI-compatible routes.
 
 ``create_app(settings, bridge=None)`` builds it without reading the environment, so tests and
-embedding programs make as many as they like. Every route but ``GET /`` needs the launch token
-(``Authorization: Bearer``, compared in constant time); a request body over
+embedding programs make as many as they like. Every route needs the launch token
+(``Authorization: Bearer``, compared in constant time) except the clinician's page and its static
+assets (:mod:`android_bridge.page`), which carry no data; a request body over
 ``settings.max_body_bytes`` gets 413 before it is read; no CORS headers are ever sent, so a web
-page in a browser on the device can't read the replies. Logs carry ids, sizes and timings only.
+page from another origin can't read the replies. Logs carry ids, sizes and timings only, never
+the token.
 
 ``/v1/rpc`` takes one protocol request and streams its replies as NDJSON. The HTTP status is
 chosen from the first reply: 200, or the status of its error code when the request failed at
@@ -27,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from android_bridge import openai_routes
+from android_bridge import openai_routes, page
 from android_bridge.bridge import Bridge, bridge_for
-from android_bridge.protocol import HTTP_STATUS, VERSION, dumps, request_id
+from android_bridge.protocol import HTTP_STATUS, dumps, request_id
 from android_bridge.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class Guard:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/":
+        if scope["type"] != "http" or page.is_public(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
@@ -162,10 +164,6 @@ async def rpc(request: Request):
     return StreamingResponse(lines(), status_code=status, media_type=NDJSON, headers=headers)
 
 
-async def index(request: Request):
-    return JSONResponse({"name": "medgemma-edge bridge", "protocol": VERSION, "auth": "bearer"})
-
-
 def create_app(settings: ServeSettings, bridge: Bridge | None = None) -> Starlette:
     """The app for ``settings``. Without ``bridge``, one is built over the settings' bundle and
     its models are preloaded in the background (``health`` shows them loading)."""
@@ -174,7 +172,7 @@ def create_app(settings: ServeSettings, bridge: Bridge | None = None) -> Starlet
     bridge.transports.append("http")
     app = Starlette(
         routes=[
-            Route("/", index, methods=["GET"]),
+            *page.routes(),
             Route("/v1/rpc", rpc, methods=["POST"]),
             Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
             Route("/v1/embeddings", openai_routes.embeddings, methods=["POST"]),

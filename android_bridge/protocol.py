@@ -22,6 +22,7 @@ OPS = (
     "load",
     "unload",
     "generate",
+    "prepare_image",
     "embed_image",
     "embed_text",
     "classify",

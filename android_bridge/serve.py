@@ -1,7 +1,8 @@
 """``medgemma-edge serve``: the bridge over loopback HTTP (default), stdio or a Unix socket.
 
-Prints the URL and writes the endpoint file (host, port, pid, token; mode 0600). The server
-stack (starlette, uvicorn: the ``serve`` extra) is imported only when the command runs.
+Prints the URL and the web page's address, writes the endpoint file (host, port, pid, token;
+mode 0600) and with ``--open`` opens the page in a browser. The server stack (starlette,
+uvicorn: the ``serve`` extra) is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from edge.ask import add_model_options
+from edge.ask import add_model_options, model_kwargs
 from edge.errors import UsageError, require
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint-file", type=Path, help="where to write url/port/pid/token (0600)")
     p.add_argument("--max-body", default="64M", help="largest request body (default 64M)")
     p.add_argument("--no-paths", action="store_true", help="refuse image file paths in requests")
-    p.add_argument("--open", action="store_true", help="open the server's page in a browser")
+    p.add_argument("--open", action="store_true", help="open the web page in a browser")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stdio", action="store_true", help="speak JSON lines on stdin/stdout instead of HTTP")
     mode.add_argument("--unix-socket", type=Path, help="speak JSON lines on this Unix socket instead of HTTP")
@@ -43,20 +44,7 @@ def settings_from_args(args: argparse.Namespace):
     from edge.llm import resolve_bundle
     from edge.resources import parse_bytes
 
-    model_options = {
-        "n_ctx": args.ctx,
-        "kv_type": args.kv_type,
-        "flash_attn": not args.no_flash_attn,
-        "use_mmap": not args.no_mmap,
-    }
-    if args.quant:
-        model_options["quant"] = args.quant
-    if args.threads:
-        model_options["n_threads"] = args.threads
-    if args.image_cache:
-        from edge.image_cache import ImageCache
-
-        model_options["image_cache"] = ImageCache(disk_dir=args.image_cache)
+    model_options = model_kwargs(args)
     return ServeSettings(
         bundle=resolve_bundle(args.bundle),
         medsiglip_bundle=args.medsiglip_bundle,
@@ -88,16 +76,35 @@ def run_serve(args: argparse.Namespace) -> int:
     server = RunningServer(settings, log_level="info" if args.verbose else "warning")
     path = server.write_endpoint(settings.endpoint_file)
     print(f"medgemma-edge serve: {server.url} (token and pid in {path})", flush=True)
+    print(f"medgemma-edge serve: web page: {_page_line(server, path)}", flush=True)
     if args.open:
-        import webbrowser
-
-        webbrowser.open(server.url)
+        _open_page(server.page_url)
     try:
         server.run()
     finally:
         server.bridge.shutdown(grace_s=settings.grace_s)
     print("medgemma-edge serve: stopped", flush=True)
     return 0
+
+
+def _page_line(server, endpoint_file: Path) -> str:
+    """The page's address for a person at a terminal, token included. When stdout is not a
+    terminal (a service manager, a pipe into a log file) the token is left out: the endpoint
+    file, readable by this user only, has the full address under "page"."""
+    if sys.stdout.isatty():
+        return server.page_url
+    return f'{server.url}/ (the address with its access token is "page" in {endpoint_file})'
+
+
+def _open_page(url: str) -> None:
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(url)
+    except webbrowser.Error:
+        opened = False
+    if not opened:
+        print("medgemma-edge serve: no web browser found; open the web page address yourself", flush=True)
 
 
 def _serve_lines(settings, args: argparse.Namespace) -> int:

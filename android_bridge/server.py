@@ -1,7 +1,7 @@
 """Run the loopback app under uvicorn: bind, write the endpoint file, stop cleanly.
 
 The socket is bound here (port 0 → a free port) before uvicorn starts, so the URL is known up
-front. The endpoint file (JSON: url, host, port, pid, token, protocol) is created 0600 in a 0700
+front. The endpoint file (JSON: url, host, port, pid, token, page, protocol) is created 0600 in a 0700
 directory, written atomically, and removed on exit. On SIGTERM (or the ``shutdown`` op) the
 bridge stops taking work and cancels what runs: generations end with ``done(cancelled)`` within
 one token, uvicorn lets those streams finish (up to ``grace_s``), then the models are closed.
@@ -72,6 +72,12 @@ class RunningServer:
         return f"http://{host}:{self.port}"
 
     @property
+    def page_url(self) -> str:
+        """The web page with the token in its fragment: browsers never send a fragment, so the
+        token reaches no request line, log or Referer; the page moves it into sessionStorage."""
+        return f"{self.url}/#token={self.token}"
+
+    @property
     def token(self) -> str:
         return self.settings.token
 
@@ -88,6 +94,7 @@ class RunningServer:
                     "port": self.port,
                     "pid": os.getpid(),
                     "token": self.token,
+                    "page": self.page_url,
                     "protocol": VERSION,
                     "started": time.time(),
                 },

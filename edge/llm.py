@@ -17,6 +17,7 @@ same image is neither encoded nor decoded again.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import logging
 import os
@@ -70,6 +71,9 @@ def _choose_encoder(bundle: Bundle, comp: dict, choice: str, mmproj_type: str | 
         raise InputError(f"bundle {bundle.root} has no ONNX image encoder (medgemma/vision-*.onnx)")
     if choice == "mmproj" and not mmproj:
         raise InputError(f"bundle {bundle.root} has no vision projector (medgemma/mmproj-*.gguf)")
+    if choice == "auto" and onnx and mmproj and not importlib.util.find_spec("onnxruntime"):
+        log.info("onnxruntime is not installed: images go through %s", mmproj[0]["path"])
+        onnx = []
     ordered = mmproj + onnx if choice == "mmproj" else onnx + mmproj
     return ordered[0] if ordered else None
 

@@ -9,6 +9,7 @@ the bundle actually has. Explicit options (CLI flags) always win over the profil
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tomllib
@@ -115,7 +116,7 @@ def _encoder(bundle, prof: dict) -> str:
     """The profile's image encoder if the bundle has it, else whichever it has."""
     roles = {f["role"] for f in bundle.files("medgemma")}
     want = prof.get("image_encoder", "onnx")
-    if want == "onnx" and "vision-onnx" in roles:
+    if want == "onnx" and "vision-onnx" in roles and importlib.util.find_spec("onnxruntime"):
         return "onnx"
     if "mmproj" in roles:
         return "mmproj"

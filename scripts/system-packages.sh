@@ -2,7 +2,8 @@
 # Debian packages the tests need. Installed once per .venv (make keeps a stamp); needs root or sudo.
 set -eu
 # default-jdk, kotlin, libandroid-json-java: build and test the bridge's Java/Kotlin clients.
-PKGS="default-jdk kotlin libandroid-json-java"
+# chromium: the web page's end-to-end tests (driven by Playwright, tests/test_web_page.py).
+PKGS="default-jdk kotlin libandroid-json-java chromium"
 missing=""
 for p in $PKGS; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import threading
+from pathlib import Path
 
 import pytest
-from fixtures_bridge import TRANSPORTS, make_bridge, start_server
+from fixtures_bridge import IMAGE_PNG, TRANSPORTS, make_bridge, start_server
 
 from android_bridge import transcripts
 from android_bridge.bridge import call
@@ -173,6 +175,19 @@ def test_search_similar_over_a_case_index(twin_bridge, medsiglip_bundle, tmp_pat
     assert len(by_text[-2]["result"]["matches"]) == 3
     bad_k = call(bridge, {"v": 1, "id": "s3", "op": "search_similar", "params": {"text": "x", "k": 0}})
     assert bad_k[0]["error"]["code"] == "invalid_request"
+    (tmp_path / "case2.png").unlink()  # a case whose file is gone still comes back, without a picture
+    thumbs = call(
+        bridge,
+        {"v": 1, "id": "s4", "op": "search_similar", "params": {"text": "opacity", "k": 3, "thumbnails": 32}},
+    )[-2]["result"]["matches"]
+    by_name = {Path(m["content"]).name: m["thumbnail"] for m in thumbs}
+    assert by_name["case2.png"] is None and by_name["case0.png"].startswith("data:image/png;base64,")
+    small = Image.open(io.BytesIO(base64.b64decode(by_name["case0.png"].split(",", 1)[1])))
+    assert max(small.size) == 32
+    bad_side = call(
+        bridge, {"v": 1, "id": "s5", "op": "search_similar", "params": {"text": "x", "thumbnails": 4096}}
+    )
+    assert bad_side[0]["error"]["code"] == "invalid_request"
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -225,3 +240,60 @@ def test_importing_the_bridge_pulls_in_no_server_stack_or_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def test_prepare_image_encodes_ahead_and_generate_hits_the_cache(twin_bridge):
+    from PIL import Image
+
+    rng = __import__("numpy").random.default_rng(11)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8")).save(buf, format="PNG")
+    image = {"base64": base64.b64encode(buf.getvalue()).decode()}
+    first = call(twin_bridge, {"v": 1, "id": "p1", "op": "prepare_image", "params": {"images": [image]}})
+    progress = [(m["done"], m["total"]) for m in first if m.get("event") == "progress"]
+    assert progress[0] == (0, 1) and progress[-1] == (1, 1) and all(m["stage"] == "image" for m in first[:-2])
+    assert (
+        first[-2]["result"]["images"][0]["cached"] is False
+        and first[-1]["timings"]["image_cache_misses"] == 1
+    )
+    again = call(twin_bridge, {"v": 1, "id": "p2", "op": "prepare_image", "params": {"image": image}})
+    assert again[-2]["result"]["images"] == [{"cached": True, "encode_s": 0.0}]
+    asked = call(
+        twin_bridge,
+        {
+            "v": 1,
+            "id": "g",
+            "op": "generate",
+            "params": {"prompt": "Describe.", "images": [image], "max_tokens": 2},
+        },
+    )
+    assert asked[-1]["timings"]["image_cache_hits"] == 1 and asked[-1]["timings"]["image_cache_misses"] == 0
+    bad = call(
+        twin_bridge, {"v": 1, "id": "p3", "op": "prepare_image", "params": {"images": [{"base64": "aGk="}]}}
+    )
+    assert bad[0]["error"]["code"] == "invalid_request" and bad[-1]["finish_reason"] == "error"
+
+
+def test_prepare_image_is_busy_while_generating_and_refused_by_a_text_model(twin_bridge, small_bridge):
+    image = {"base64": base64.b64encode(IMAGE_PNG).decode()}
+    first_token = threading.Event()
+    replies: list = []
+
+    def emit(msg):
+        replies.append(msg)
+        if msg.get("event") == "token":
+            first_token.set()
+
+    long = {"v": 1, "id": "long", "op": "generate", "params": {"prompt": "Describe.", "max_tokens": 400}}
+    runner = threading.Thread(target=twin_bridge.handle, args=(long, emit))
+    runner.start()
+    try:
+        assert first_token.wait(60)
+        busy = call(twin_bridge, {"v": 1, "id": "p", "op": "prepare_image", "params": {"image": image}})
+        assert busy[0]["error"]["code"] == "busy" and busy[0]["error"]["retry_after"] > 0
+    finally:
+        twin_bridge.cancel("long")
+        runner.join(60)
+    assert replies[-1]["finish_reason"] == "cancelled"
+    text_only = call(small_bridge, {"v": 1, "id": "p", "op": "prepare_image", "params": {"image": image}})
+    assert text_only[0]["error"]["code"] == "invalid_request" and "image" in text_only[0]["error"]["message"]

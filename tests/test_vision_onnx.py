@@ -1,10 +1,8 @@
 """MedGemma's fast image path: the vision tower + projector as ONNX, fed to llama.cpp."""
 
 import io
-import shutil
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from edge.images import load_image

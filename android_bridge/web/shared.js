@@ -1,0 +1,131 @@
+// What the page's parts share: its state, small DOM helpers, messages, the runtime's status.
+
+import * as api from "./api.js";
+
+export const $ = (id) => document.getElementById(id);
+const POLL_MS = 5000;
+export const state = { config: null, health: null, image: null, job: null, reachable: true, labelSets: null };
+
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined) continue;
+    if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+export const basename = (p) => String(p || "").split(/[\\/]/).filter(Boolean).pop() || "";
+export const seconds = (s) => (s < 10 ? `${s.toFixed(1)} s` : `${Math.round(s)} s`);
+
+// -- messages -------------------------------------------------------------------------------
+
+export function showAlert(text) {
+  $("alert-text").textContent = text;
+  $("alert").hidden = false;
+}
+
+export function clearAlert(onlyIf = null) {
+  if (onlyIf === null || $("alert-text").textContent === onlyIf) $("alert").hidden = true;
+}
+
+export function report(err, where) {
+  if (err.code === "unreachable") unreachable();
+  else if (err.code === "unauthorized") {
+    showAlert(err.message);
+    lock();
+  }
+  if (where) where(err.code === "aborted" ? "Stopped." : err.message);
+}
+
+export function unreachable() {
+  state.reachable = false;
+  $("runtime").textContent = "Runtime not reachable";
+  $("runtime").dataset.state = "down";
+  showAlert(api.UNREACHABLE);
+  api.abortAll(new api.ApiError("unreachable", api.UNREACHABLE));
+}
+
+export function lock() {
+  document.body.classList.add("locked");
+  for (const b of document.querySelectorAll("button, input, select, textarea")) {
+    if (b.id !== "alert-close") b.disabled = true;
+  }
+}
+
+// -- the runtime's state ----------------------------------------------------------------------
+
+export function modelText(info, name) {
+  if (!info) return `${name}: not loaded`;
+  const parts = [name];
+  if (info.text) parts.push(`${basename(info.text)}${info.quant ? ` (${info.quant})` : ""}`);
+  if (info.precision) parts.push(info.precision);
+  if (info.bundle) parts.push(`bundle “${basename(info.bundle)}”`);
+  return parts.join(" · ");
+}
+
+function modelLine(container, info, name) {
+  container.append(el("span", { text: modelText(info, name) }));
+  if (info && info.synthetic) {
+    container.append(" ", el("strong", { class: "badge", text: "synthetic twin — outputs mean nothing" }));
+  }
+}
+
+export function renderHealth(h) {
+  const mg = h.models.medgemma;
+  const ms = h.models.medsiglip;
+  const chip = $("runtime");
+  const states = { ready: "ready", generating: "answering", loading: "loading…", uninitialized: "not loaded", error: "failed to load" };
+  const text = `Runtime: MedGemma ${states[mg.state] || mg.state}, MedSigLIP ${states[ms.state] || ms.state}`;
+  if (chip.textContent !== text) chip.textContent = text; // a live region: announce changes only
+  chip.dataset.state = mg.state === "error" || ms.state === "error" ? "error" : mg.state === "loading" || ms.state === "loading" ? "loading" : "ok";
+  const line = $("model-line");
+  const key = JSON.stringify([mg.info, ms.info, mg.error]);
+  if (line.dataset.key === key) return renderCapabilities(h, ms);
+  line.dataset.key = key;
+  line.replaceChildren();
+  line.append("Answers by ");
+  modelLine(line, mg.info, "MedGemma");
+  line.append(". Findings by ");
+  modelLine(line, ms.info, "MedSigLIP");
+  line.append(".");
+  if (mg.error) line.append(" ", el("span", { class: "error-text", text: `MedGemma: ${mg.error}` }));
+  renderCapabilities(h, ms);
+}
+
+function renderCapabilities(h, ms) {
+  const sets = ms.info && ms.info.label_sets;
+  if (sets && sets.length && state.labelSets === null) {
+    state.labelSets = sets;
+    $("label-set").replaceChildren(...sets.map((s) => el("option", { value: s, text: s === "cxr" ? "Chest X-ray (cxr)" : s === "derm" ? "Dermatology (derm)" : s })));
+  }
+  if (!h.capabilities.index) $("cases-status").textContent = "No case index: start the runtime with “--index DIR” to see similar prior cases.";
+}
+
+export async function poll() {
+  try {
+    const h = await api.health();
+    state.health = h;
+    if (!state.reachable) {
+      state.reachable = true;
+      clearAlert(api.UNREACHABLE);
+    }
+    renderHealth(h);
+  } catch (err) {
+    // refused: gone. Slow: twice in a row, so a busy device's late answer isn't taken for death.
+    state.misses = err.code === "timeout" ? (state.misses || 0) + 1 : 0;
+    if (err.code === "unreachable" || state.misses >= 2) unreachable();
+    else if (err.code !== "timeout") report(err);
+    if (err.code === "unauthorized") return;
+    setTimeout(poll, POLL_MS);
+    return;
+  }
+  state.misses = 0;
+  setTimeout(poll, POLL_MS);
+}
+
+export function src(img) {
+  return img.frame === null ? { base64: img.b64 } : { base64: img.b64, frame: img.frame };
+}
