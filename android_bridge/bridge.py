@@ -324,7 +324,8 @@ class Bridge:
                 ctx.event("progress", stage="image", done=i * total + n, total=len(images) * total)
 
             try:
-                got = prepare(image, progress=progress, cancel=ctx.cancel, wait=False)
+                # the first image also prefills the conversation's opening (see MedGemma.prepare_image)
+                got = prepare(image, progress=progress, cancel=ctx.cancel, wait=False, prefill=i == 0)
             except Busy as exc:
                 raise ProtocolError("busy", str(exc), retry_after=RETRY_AFTER_S) from None
             if ctx.cancel.is_set():
