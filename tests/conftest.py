@@ -43,3 +43,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 
 # Fixtures of each export pipeline live beside their tests; registered here so every test sees them.
 pytest_plugins = ["fixtures_gguf", "fixtures_onnx", "fixtures_llm", "fixtures_cases", "fixtures_bridge"]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming ``width`` x ``height``, and almost no pixel data: a
+    decompression bomb's header (refused from the header, before any decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )

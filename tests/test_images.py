@@ -1,11 +1,10 @@
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import png_header_only
 from PIL import Image
 
 from edge.errors import InputError, TooLargeError
@@ -18,21 +17,6 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A valid PNG signature + IHDR claiming a huge size, and no pixel data: a bomb's header."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_png_modes_become_rgb8():
@@ -81,9 +65,9 @@ def test_truncated_png():
 
 def test_huge_header_refused_before_decoding():
     with pytest.raises(TooLargeError, match="2500000000 pixels"):
-        load_image(_png_header_only(50000, 50000))
+        load_image(png_header_only(50000, 50000))
     with pytest.raises(TooLargeError, match="9000x9000 is 81 megapixels"):  # under Pillow's guard, over ours
-        load_image(_png_header_only(9000, 9000))
+        load_image(png_header_only(9000, 9000))
 
 
 def test_file_size_limit(tmp_path):

@@ -3,18 +3,16 @@
 import io
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pydicom
 import pytest
-from conftest import run_cli
+from conftest import png_header_only, run_cli
 from PIL import Image
 
 from edge.errors import Busy, ContextOverflow, IntegrityError
@@ -204,19 +202,6 @@ def test_cli_ask_streams_text_with_disclaimer(twin_llm_bundle, tmp_path):
     assert "not a diagnosis" in r.stdout and "SYNTHETIC TWIN" in r.stdout
 
 
-def _huge_png_header() -> bytes:
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.mark.parametrize(
     "case,code,message",
     [
@@ -234,7 +219,7 @@ def test_cli_bad_images(twin_llm_bundle, tmp_path, case, code, message):
     elif case == "truncated":
         p.write_bytes(_png_bytes(4)[:300])
     elif case == "huge":
-        p.write_bytes(_huge_png_header())
+        p.write_bytes(png_header_only(50000, 50000))
     elif case == "no_pixels":
         p = DICOM_DIR / "rtplan.dcm"
     else:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, png_header_only
 from fixtures_bridge import IMAGE_PNG, make_bridge, start_server
 from PIL import Image
 
@@ -232,7 +232,7 @@ def test_page_and_routes_over_http(web):
         and bad["error"]["code"] == "invalid_request"
         and "not an image" in bad["error"]["message"]
     )
-    status, huge = preview(_huge_png_header())
+    status, huge = preview(png_header_only(9000, 8000))
     assert status == 413 and huge["error"]["code"] == "too_large" and "megapixels" in huge["error"]["message"]
     status, frame = preview(IMAGE_PNG, "?frame=x")
     assert status == 400
@@ -241,23 +241,6 @@ def test_page_and_routes_over_http(web):
         text = path.read_text(encoding="utf-8")
         urls = set(re.findall(r"https?://[^\s\"'<>)]+", text)) - {"http://www.w3.org/2000/svg"}
         assert not urls and not re.search(r"""(src|href)\s*=\s*["']//|url\(|@import""", text), path
-
-
-def _huge_png_header() -> bytes:
-    """A PNG whose header claims 9000 x 8000 pixels (over the 64 MP limit), with almost no pixel data."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", 9000, 8000, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_ask_about_a_png_and_a_dicom_stop_findings_cases_report(web, browser, tmp_path):
