@@ -63,6 +63,13 @@ def _twin(kind: str) -> Path:
     return path
 
 
+def _vision_is_current(bundle: Path) -> bool:
+    from edge.bundle import open_bundle
+
+    entries = [f for f in open_bundle(bundle).files("medgemma") if f["role"] == "vision-onnx"]
+    return all(f.get("onnx", {}).get("attention") == "MultiHeadAttention" for f in entries)
+
+
 def ensure(bundle: Path = BUNDLE) -> Path:
     """The benchmark bundle, complete; builds what is missing."""
     have = _has(bundle)
@@ -73,6 +80,13 @@ def ensure(bundle: Path = BUNDLE) -> Path:
             "--quant", ",".join(QUANTS), "--mmproj", "f16", "--vision-onnx", "int8", "--no-fidelity",
         )  # fmt: skip
         have = _has(bundle)
+    if not _vision_is_current(bundle):
+        print("re-exporting the vision ONNX graph (made before the MultiHeadAttention rewrite)", flush=True)
+        t0 = time.perf_counter()
+        from export.medgemma_vision import export_vision_onnx
+
+        export_vision_onnx(_twin("medgemma"), bundle=bundle, precisions="int8")
+        print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
     if not any(p.startswith("medsiglip/") for p in have):
         print(f"adding the full-twin MedSigLIP (int8) to {bundle} (once; cached)", flush=True)
         _cli("export", "medsiglip", str(_twin("medsiglip")), "-b", str(bundle), "--precision", "int8")

@@ -120,6 +120,9 @@ def _export_fp32(wrapper, size: int, out: Path, *, heads: int, hidden: int) -> P
     opt = optimize_model(
         str(raw), model_type="clip", num_heads=heads, hidden_size=hidden, opt_level=1, use_gpu=False
     )
+    from export.onnx_mha import attention_to_mha
+
+    attention_to_mha(opt.model)  # CPU flash attention: no full score matrices (1 GiB per layer at 896 px)
     fused = sum(n.op_type in ("Attention", "MultiHeadAttention") for n in opt.model.graph.node)
     log.info("vision graph: %d fused attention nodes", fused)
     opt.save_model_to_file(str(out), use_external_data_format=raw.stat().st_size > (1900 << 20))
@@ -208,7 +211,11 @@ def export_vision_onnx(
                     precision=prec,
                     preprocess=spec,
                     fidelity=fid,
-                    onnx={"inputs": ["pixel_values"], "outputs": ["image_embeds"]},
+                    onnx={
+                        "inputs": ["pixel_values"],
+                        "outputs": ["image_embeds"],
+                        "attention": "MultiHeadAttention",
+                    },
                 )
             )
     log.info("vision ONNX export (%s) in %.1fs", ",".join(precs), time.perf_counter() - t0)

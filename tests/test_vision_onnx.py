@@ -56,3 +56,56 @@ def test_onnx_path_caches_like_the_mmproj_path(vision_bundle):
         first = m.ask("Describe.", images=[image], options=GenerateOptions(max_tokens=2))
         second = m.ask("More?", images=[image], options=GenerateOptions(max_tokens=2))
     assert first.image_cache == {"hits": 0, "misses": 1} and second.image_cache == {"hits": 1, "misses": 0}
+
+
+def test_attention_rewrite_keeps_the_arithmetic():
+    """Attention (packed QKV, CPU kernel with full score matrices) → MatMuls + MultiHeadAttention
+    (CPU flash attention): the same outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_mha import attention_to_mha
+
+    rng = np.random.RandomState(0)
+    d, heads, s = 32, 4, 50
+    w = numpy_helper.from_array(rng.randn(d, 3 * d).astype(np.float32) * 0.2, "w")
+    b = numpy_helper.from_array(rng.randn(3 * d).astype(np.float32) * 0.1, "b")
+    node = helper.make_node(
+        "Attention", ["x", "w", "b"], ["y"], name="att", domain="com.microsoft", num_heads=heads
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, s, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, s, d])],
+        [w, b],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    x = rng.randn(1, s, d).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+
+    before = run(model)
+    assert attention_to_mha(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "MatMul", "MatMul", "MultiHeadAttention"]
+    onnx.checker.check_model(model)
+    assert np.abs(run(model) - before).max() < 1e-5
+
+
+def test_exported_vision_graph_uses_multihead_attention(vision_bundle):
+    import onnx
+
+    from edge.bundle import open_bundle
+
+    b = open_bundle(vision_bundle)
+    entry = next(
+        f for f in b.files("medgemma") if f.get("precision") == "fp32" and f["role"] == "vision-onnx"
+    )
+    ops = [n.op_type for n in onnx.load(str(b.path(entry)), load_external_data=False).graph.node]
+    assert "MultiHeadAttention" in ops and "Attention" not in ops
