@@ -15,28 +15,56 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 from functools import cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
-@cache
-def load_backends() -> int:
-    """Load dynamically built ggml backends (portable builds); returns how many are registered."""
+def _backend_dirs() -> list[Path]:
+    """Where a portable wheel puts its ``libggml-cpu-*.so`` variants: llama-cpp-python 0.3.36's
+    CMake install drops them in ``site-packages/bin/``; other builds use the package's ``lib/``
+    or the environment's ``bin/`` (next to the Python executable, where ggml's own search looks)."""
     import llama_cpp
 
-    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
-    variants = sorted(lib_dir.glob("libggml-cpu-*.so")) + sorted(lib_dir.glob("libggml-cuda*.so"))
-    if variants:
-        ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
-        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
-        ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
-        n = int(ggml.ggml_backend_reg_count())
-        log.info("loaded %d ggml backend(s) from %s (portable build)", n, lib_dir)
-        return n
-    return -1  # built in: nothing to load
+    pkg = Path(llama_cpp.__file__).resolve().parent
+    dirs = [pkg.parent / "bin", pkg / "lib", Path(sys.prefix) / "bin", Path(sys.executable).parent]
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i] and d.is_dir()]
+
+
+def _loaded_ggml() -> Path | None:
+    """The libggml file libllama actually loaded. A wheel stores ``libggml.so``, ``.so.0`` and
+    ``.so.0.x`` as separate copies; opening another copy would give a second, empty backend
+    registry that llama.cpp never sees."""
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split()[-1]
+            if Path(path).name.startswith("libggml.so"):
+                return Path(path)
+    except OSError:
+        pass
+    return None
+
+
+@cache
+def load_backends() -> int:
+    """Load dynamically built ggml backends (portable builds); returns how many are registered
+    (-1: a default build, nothing to load)."""
+    import llama_cpp
+
+    found = [d for d in _backend_dirs() if any(d.glob("libggml-cpu-*.so"))]
+    if not found:
+        return -1
+    ggml = ctypes.CDLL(str(_loaded_ggml() or Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    for d in found:
+        ggml.ggml_backend_load_all_from_path(str(d).encode())
+    n = int(ggml.ggml_backend_reg_count())
+    log.info("portable llama.cpp build: %d backend(s) loaded from %s", n, ", ".join(map(str, found)))
+    return n
 
 
 def llama_gpu_layers(requested: int) -> int:

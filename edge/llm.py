@@ -78,6 +78,14 @@ def _choose_encoder(bundle: Bundle, comp: dict, choice: str, mmproj_type: str | 
     return ordered[0] if ordered else None
 
 
+def _patches(comp: dict, encoder_entry: dict | None) -> int:
+    """Patches the vision tower sees per image (896 px / 14 px → 4096 for MedGemma)."""
+    size = (encoder_entry or {}).get("preprocess", {}).get("height") or comp.get("model", {}).get(
+        "image_size", 896
+    )
+    return (int(size) // 14) ** 2
+
+
 def _load_llama(path: Path, *, repack: bool, **kwargs):
     """llama_cpp.Llama, with llama.cpp's weight repacking switched as asked (the binding has no
     argument for ``use_extra_bufts``, so its default model params are wrapped while it loads)."""
@@ -166,6 +174,7 @@ class MedGemma:
             text_path,
             header,
             encoder=self.bundle.path(encoder_entry) if encoder_entry else None,
+            image_patches=_patches(comp, encoder_entry),
             n_ctx=n_ctx,
             kv_type=kv_type,
             repack=repack,

@@ -124,6 +124,20 @@ def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", swa_ful
     return int(cells * per_token_layer)
 
 
+# Activation memory of one image through the vision tower, in rows of [patches × hidden] floats,
+# measured on the full-size twin (896 px: 4096 patches × 1152) in its own process: the ONNX
+# int8 graph with flash attention adds 0.69 GB over its file (36 rows), llama.cpp's mmproj with
+# flash attention 0.18 GB (10 rows). See benchmarks/bench_profiles.py, "image encoders alone".
+_ENCODER_ROWS = {"onnx": 36, "mmproj": 10}
+
+
+def encoder_bytes(path: Path, *, patches: int = 4096, hidden: int = 1152) -> int:
+    """Peak memory of an image encoder while it encodes one image: its file (weights) plus
+    activations (see _ENCODER_ROWS)."""
+    rows = _ENCODER_ROWS["onnx" if path.suffix == ".onnx" else "mmproj"]
+    return path.stat().st_size + rows * patches * hidden * 4
+
+
 def estimate(
     text: Path,
     header: GGUFHeader,
@@ -134,26 +148,22 @@ def estimate(
     n_batch: int = 512,
     repack: bool = True,
     swa_full: bool = True,
+    image_patches: int = 4096,
 ) -> MemoryEstimate:
     """Peak RSS estimate of a loaded model answering about an image.
 
-    weights (mmapped, all touched) + the repacked copy (when on) + KV + the image encoder +
-    compute buffers (logits, ~12 activations of n_batch × n_embd floats) + the Python process
-    with its libraries (~100 MiB). The image encoder's share: an mmproj GGUF ×1.3 (weights plus
-    llama.cpp's compute buffers); an ONNX graph ×2.0 (onnxruntime holds the int8 weights plus
-    the float activations of 4096 patches). Checked against measured peak RSS on the full-size
-    twin by ``benchmarks/bench_profiles.py``.
+    weights (mmapped, all touched) + the repacked copy (when on) + KV + the image encoder while it
+    encodes (:func:`encoder_bytes`) + compute buffers (logits, ~12 activations of n_batch × n_embd
+    floats) + the Python process with its libraries (~100 MiB). Checked against measured peak
+    RSS on the full-size twin under every device profile by ``benchmarks/bench_profiles.py``.
     """
     vocab = header.vocab_size or 0
     n_embd = int(header.arch_key("embedding_length", 0) or 0)
     overhead = 4 * 8 * vocab + 4 * 12 * n_batch * n_embd + (100 << 20)
-    projector = 0
-    if encoder is not None:
-        projector = int(encoder.stat().st_size * (2.0 if encoder.suffix == ".onnx" else 1.3))
     return MemoryEstimate(
         weights=text.stat().st_size,
         kv_cache=kv_cache_bytes(header, n_ctx, kv_type, swa_full=swa_full),
-        projector=projector,
+        projector=encoder_bytes(encoder, patches=image_patches) if encoder is not None else 0,
         overhead=overhead,
         repacked=repacked_bytes(header) if repack else 0,
     )
