@@ -476,6 +476,7 @@ def bridge_for(settings) -> Bridge:
         medsiglip_bundle=settings.medsiglip_bundle,
         index_dir=settings.index,
         model_options=settings.model_options,
+        medsiglip_options=settings.medsiglip_options,
     )
     bridge = Bridge(runtime, allow_paths=settings.allow_paths)
     bridge.preload([n for n in settings.preload if runtime.available(n)])

@@ -66,6 +66,7 @@ class Runtime:
         index_dir: the similar-case index directory, if any.
         medgemma / encoder / index: already-open objects to serve instead of loading them.
         model_options: keyword arguments for :class:`edge.llm.MedGemma` (n_ctx, quant, ...).
+        medsiglip_options: keyword arguments for MedSigLIP (precision, threads).
     """
 
     def __init__(
@@ -78,12 +79,14 @@ class Runtime:
         encoder: Any = None,
         index: Any = None,
         model_options: dict | None = None,
+        medsiglip_options: dict | None = None,
     ):
         self.bundle_path = Path(bundle) if bundle else None
         self.medsiglip_path = Path(medsiglip_bundle) if medsiglip_bundle else self.bundle_path
         self.index_dir = Path(index_dir) if index_dir else None
         self.index = index
         self.model_options = dict(model_options or {})
+        self.medsiglip_options = dict(medsiglip_options or {})
         self.slots = {"medgemma": Slot("medgemma", medgemma), "medsiglip": Slot("medsiglip", encoder)}
 
     # -- what is available -------------------------------------------------------------------
@@ -152,7 +155,7 @@ class Runtime:
 
             model = MedGemma(bundle, **{**self.model_options, **options})
         else:
-            model = open_encoder(bundle, **options)
+            model = open_encoder(bundle, **{**self.medsiglip_options, **options})
         if progress:
             progress("load", total, total)
         return model

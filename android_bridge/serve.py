@@ -41,10 +41,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from android_bridge.settings import ServeSettings, default_endpoint_file
+    from edge import profiles
+    from edge.bundle import open_bundle
     from edge.llm import resolve_bundle
     from edge.resources import parse_bytes
 
     model_options = model_kwargs(args)
+    siglip_bundle = open_bundle(args.medsiglip_bundle or resolve_bundle(args.bundle))
+    medsiglip_options = profiles.medsiglip_options(siglip_bundle, args.profile)
     return ServeSettings(
         bundle=resolve_bundle(args.bundle),
         medsiglip_bundle=args.medsiglip_bundle,
@@ -55,6 +59,7 @@ def settings_from_args(args: argparse.Namespace):
         endpoint_file=args.endpoint_file or default_endpoint_file(),
         unix_socket=args.unix_socket,
         model_options=model_options,
+        medsiglip_options=medsiglip_options,
         allow_paths=not args.no_paths,
     )
 

@@ -35,6 +35,7 @@ class ServeSettings:
     unix_socket: Path | None = None
     preload: tuple[str, ...] = ("medgemma", "medsiglip")  # loaded in the background at start
     model_options: dict = field(default_factory=dict)  # edge.llm.MedGemma keyword arguments
+    medsiglip_options: dict = field(default_factory=dict)  # edge.siglip.MedSigLIP keyword arguments
     allow_paths: bool = True  # let requests name image files on this device
     grace_s: float = 10.0  # how long shutdown waits for cancelled work to end
 

@@ -112,6 +112,21 @@ def medgemma_options(bundle, name: str | None = None, **explicit) -> tuple[str, 
     return chosen, opts
 
 
+def medsiglip_options(bundle, name: str | None = None) -> dict:
+    """MedSigLIP keyword arguments under profile ``name``: its precision when the bundle has it
+    (the model's own choice in the manifest first, then the device profile's), else the bundle's
+    default."""
+    from edge.errors import EdgeError
+
+    chosen, prof = get(name)
+    try:
+        comp = bundle.component("medsiglip")
+    except EdgeError:
+        return {}
+    want = (comp.get("profiles") or {}).get(chosen, {}).get("precision") or prof.get("medsiglip_precision")
+    return {"precision": want} if want in comp.get("precisions", []) else {}
+
+
 def _encoder(bundle, prof: dict) -> str:
     """The profile's image encoder if the bundle has it, else whichever it has."""
     roles = {f["role"] for f in bundle.files("medgemma")}

@@ -96,3 +96,12 @@ def test_sliding_window_cache_is_smaller_when_not_full(twin_llm_bundle):
     full = resources.kv_cache_bytes(header, n_ctx, "f16", swa_full=True)
     trimmed = resources.kv_cache_bytes(header, n_ctx, "f16", swa_full=False)
     assert trimmed < full
+
+
+def test_medsiglip_precision_follows_the_profile_when_the_bundle_has_it(medsiglip_bundle):
+    b = open_bundle(medsiglip_bundle)
+    have = b.component("medsiglip")["precisions"]
+    for name in profiles.all_profiles():
+        opts = profiles.medsiglip_options(b, name)
+        assert opts == {} or opts["precision"] in have
+    assert profiles.medsiglip_options(b, "phone-4GB") == ({"precision": "int8"} if "int8" in have else {})
