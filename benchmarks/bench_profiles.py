@@ -68,9 +68,9 @@ if kind.endswith(".onnx"):
     n_embd = 2560
 else:
     from edge.image_encoders import MmprojImageEncoder
-    from edge.llm import _load_llama
+    from edge.llm_load import load_llama
     text = next(f for f in bundle.files("medgemma") if f["role"] == "text")
-    llm = _load_llama(bundle.path(text), repack=False, n_ctx=64, verbose=False)  # mapped, untouched
+    llm = load_llama(bundle.path(text), repack=False, n_ctx=64, verbose=False)  # mapped, untouched
     enc = MmprojImageEncoder(bundle.path(entry), entry, llm.model, threads=threads, flash_attn=True)
     n_embd = 2560
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

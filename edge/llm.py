@@ -16,8 +16,6 @@ same image is neither encoded nor decoded again.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import accel, kv_prefix, prompting, resources
+from edge import accel, kv_prefix, llm_load, prompting, resources
 from edge.bundle import Bundle, open_bundle
 from edge.errors import Busy, ContextOverflow, InputError, ResourceError, UsageError
 from edge.generation import DISCLAIMER, Answer, GenerateOptions, Piece, check_schema
@@ -44,67 +42,6 @@ __all__ = ["DISCLAIMER", "Answer", "GenerateOptions", "MedGemma", "Piece", "chec
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 _IMAGE_POSITION_ID = 0  # what llama-cpp-python's token list holds at image positions
-_PARAMS_LOCK = threading.Lock()
-
-
-def _quiet_native_logs() -> None:
-    """Route libmtmd's logs through llama-cpp-python's logger (silent unless verbose)."""
-    import llama_cpp._logger as llog
-    import llama_cpp.mtmd_cpp as mtmd
-
-    for setter in (mtmd.mtmd_log_set, mtmd.mtmd_helper_log_set):
-        setter(llog.llama_log_callback, ctypes.c_void_p(0))
-    llog.set_verbose(log.isEnabledFor(logging.DEBUG))
-
-
-def _choose_encoder(bundle: Bundle, comp: dict, choice: str, mmproj_type: str | None = None) -> dict | None:
-    """The manifest entry of the image encoder to load (None: the bundle has none)."""
-    if choice not in ("auto", "mmproj", "onnx"):
-        raise UsageError(f"unknown image encoder {choice!r} (auto, mmproj or onnx)")
-    onnx = sorted(
-        (f for f in comp["files"] if f["role"] == "vision-onnx"), key=lambda f: f.get("precision") != "int8"
-    )
-    mmproj = sorted(
-        (f for f in comp["files"] if f["role"] == "mmproj"), key=lambda f: f.get("quant") != mmproj_type
-    )
-    if choice == "onnx" and not onnx:
-        raise InputError(f"bundle {bundle.root} has no ONNX image encoder (medgemma/vision-*.onnx)")
-    if choice == "mmproj" and not mmproj:
-        raise InputError(f"bundle {bundle.root} has no vision projector (medgemma/mmproj-*.gguf)")
-    if choice == "auto" and onnx and mmproj and not importlib.util.find_spec("onnxruntime"):
-        log.info("onnxruntime is not installed: images go through %s", mmproj[0]["path"])
-        onnx = []
-    ordered = mmproj + onnx if choice == "mmproj" else onnx + mmproj
-    return ordered[0] if ordered else None
-
-
-def _patches(comp: dict, encoder_entry: dict | None) -> int:
-    """Patches the vision tower sees per image (896 px / 14 px → 4096 for MedGemma)."""
-    size = (encoder_entry or {}).get("preprocess", {}).get("height") or comp.get("model", {}).get(
-        "image_size", 896
-    )
-    return (int(size) // 14) ** 2
-
-
-def _load_llama(path: Path, *, repack: bool, **kwargs):
-    """llama_cpp.Llama, with llama.cpp's weight repacking switched as asked (the binding has no
-    argument for ``use_extra_bufts``, so its default model params are wrapped while it loads)."""
-    import llama_cpp.llama_cpp as lc
-    from llama_cpp import Llama
-
-    with _PARAMS_LOCK:
-        default = lc.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = repack
-            return p
-
-        lc.llama_model_default_params = params
-        try:
-            return Llama(model_path=str(path), **kwargs)
-        finally:
-            lc.llama_model_default_params = default
 
 
 class MedGemma:
@@ -163,7 +100,9 @@ class MedGemma:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         comp = self.bundle.component("medgemma")
         text_entry = self.bundle.file("medgemma", "text", **({"quant": quant} if quant else {}))
-        encoder_entry = _choose_encoder(self.bundle, comp, image_encoder, mmproj_type) if vision else None
+        encoder_entry = (
+            llm_load.choose_encoder(self.bundle, comp, image_encoder, mmproj_type) if vision else None
+        )
         wanted = {text_entry["path"]} | ({encoder_entry["path"]} if encoder_entry else set())
         self.bundle.verify(component="medgemma", paths=wanted).raise_for_failure()
         if kv_type not in _KV_TYPES:
@@ -174,7 +113,7 @@ class MedGemma:
             text_path,
             header,
             encoder=self.bundle.path(encoder_entry) if encoder_entry else None,
-            image_patches=_patches(comp, encoder_entry),
+            image_patches=llm_load.image_patches(comp, encoder_entry),
             n_ctx=n_ctx,
             kv_type=kv_type,
             repack=repack,
@@ -190,9 +129,9 @@ class MedGemma:
                 )
         n_ctx_train = int(header.arch_key("context_length", n_ctx) or n_ctx)
         self.n_threads = n_threads or os.cpu_count() or 1
-        _quiet_native_logs()
+        llm_load.quiet_native_logs()
         accel.load_backends()
-        self.llama = _load_llama(
+        self.llama = llm_load.load_llama(
             text_path,
             repack=repack,
             n_ctx=min(n_ctx, n_ctx_train),
