@@ -57,7 +57,7 @@ def run_raw(llm, tokens: list[int], n: int) -> tuple[float, float]:
 def run_runtime(model: MedGemma, n: int) -> tuple[float, float]:
     messages = [{"role": "user", "content": "What are the common symptoms of pneumonia?"}]
     last = None
-    model._held = []  # evaluate the whole prompt, as the raw side does (KV reuse: bench_profiles.py)
+    model.forget_context()  # evaluate the whole prompt, as the raw side does (KV reuse: bench_profiles.py)
     for piece in model.stream(
         messages, options=GenerateOptions(max_tokens=n, temperature=0.0, repeat_penalty=1.0, stop=[])
     ):

@@ -99,10 +99,19 @@ def ort_providers(gpu: bool) -> list[str]:
 
 
 def ort_session(path: Path, *, threads: int | None = None, gpu: bool = False):
-    """An onnxruntime session for ``path`` on the best provider allowed."""
+    """An onnxruntime session for ``path`` on the best provider allowed.
+
+    Raises:
+        IntegrityError: onnxruntime can't load the file (truncated, corrupt, not ONNX).
+    """
     import onnxruntime as ort
+
+    from edge.errors import IntegrityError
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=ort_providers(gpu))
+    try:
+        return ort.InferenceSession(str(path), so, providers=ort_providers(gpu))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise IntegrityError(f"{path}: onnxruntime can't load it ({str(exc).splitlines()[0]})") from None

@@ -166,9 +166,9 @@ def _image_figures(model, opts) -> dict:
     again = run(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is the heart enlarged?"}]}]
     )
-    model._held = []  # forget what the KV cache holds: the image comes from the embedding cache
+    model.forget_context()  # forget what the KV cache holds: the image comes from the embedding cache
     cached = run(question)
-    model._held = []
+    model.forget_context()
     t0 = time.perf_counter()
     model.prepare_image(img)  # what the page does while the user types (embeddings cached here)
     prepare_s = time.perf_counter() - t0

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge import accel
 from edge.bundle import Bundle, open_bundle
-from edge.errors import InputError, IntegrityError
+from edge.errors import InputError
 from edge.siglip_preprocess import ImageSpec, SiglipTokenizer, TextSpec, images_to_batch
 
 COMPONENT = "medsiglip"
@@ -46,7 +47,6 @@ def load_session(
         InputError: no such tower/precision in the bundle.
         IntegrityError: a file is missing, truncated or altered (the message names it).
     """
-    import onnxruntime as ort
 
     if tower not in TOWERS:
         raise InputError(f"unknown MedSigLIP tower {tower!r}; choose vision or text")
@@ -56,15 +56,7 @@ def load_session(
     entry = b.file(COMPONENT, tower, precision=precision)
     paths = {entry["path"]} | {f["path"] for f in comp["files"] if f.get("data_of") == entry["path"]}
     b.verify(component=COMPONENT, paths=paths).raise_for_failure()
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(b.path(entry)), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise IntegrityError(
-            f"{b.path(entry)}: onnxruntime can't load it ({str(exc).splitlines()[0]})"
-        ) from None
+    return accel.ort_session(b.path(entry), threads=threads)
 
 
 def load_preprocessing(bundle: Bundle | str | os.PathLike) -> tuple[ImageSpec, SiglipTokenizer]:

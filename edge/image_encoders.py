@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edge import accel
-from edge.errors import InputError, IntegrityError
+from edge.errors import InputError
 from edge.images import LoadedImage
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,7 @@ class OnnxImageEncoder:
     def _open(self):
         if self.session is None:
             t0 = time.perf_counter()
-            try:
-                self.session = accel.ort_session(self.path, threads=self.threads, gpu=self.gpu)
-            except Exception as exc:  # onnxruntime's own exception types
-                raise IntegrityError(
-                    f"{self.path}: onnxruntime can't load it ({str(exc).splitlines()[0]})"
-                ) from None
+            self.session = accel.ort_session(self.path, threads=self.threads, gpu=self.gpu)
             log.info("opened %s in %.2fs", self.entry["path"], time.perf_counter() - t0)
         return self.session
 

@@ -213,6 +213,11 @@ class MedGemma:
             self.encoder = None
         self.llama.close()
 
+    def forget_context(self) -> None:
+        """Forget what the KV cache holds: the next request evaluates its whole prompt (images
+        then come from the embedding cache). For measurements and tests."""
+        self._held = []
+
     def __enter__(self) -> MedGemma:
         return self
 

@@ -119,7 +119,7 @@ def test_embedding_decode_equals_libmtmd_helper(twin_llm_bundle):
         assert rc == 0
         m.llama.n_tokens = new_n_past.value
         m.llama.eval(segments[2])
-        m._held = []
+        m.forget_context()
         theirs = _last_logits(m)
     assert np.array_equal(ours, theirs)
     assert np.abs(ours).max() > 0

@@ -160,7 +160,7 @@ def test_cached_embeddings_give_the_same_logits_as_encoding(twin_model):
         return np.ctypeslib.as_array(ptr, shape=(twin_model.llama.n_vocab(),)).copy()
 
     fresh = last_logits()  # encodes (cache miss), then decodes the copied embeddings
-    twin_model._held = []  # forget the KV cache's contents: the image is decoded again, from the cache
+    twin_model.forget_context()  # forget the KV cache's contents: the image is decoded again, from the cache
     cached = last_logits()
     other = load_image(_png_bytes(12))
     twin_model._prefill(
