@@ -280,7 +280,7 @@ class Bridge:
         return Outcome({"model": name, **self.runtime.unload(name)})
 
     def _op_generate(self, ctx: Context) -> Outcome:
-        from edge.llm import DISCLAIMER
+        from edge.medgemma.model import DISCLAIMER
 
         model = self.runtime.require("medgemma")
         messages, images = media.conversation(ctx.req.params, allow_paths=self.allow_paths)

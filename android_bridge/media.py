@@ -14,7 +14,7 @@ import binascii
 from typing import Any
 
 from android_bridge.protocol import ProtocolError
-from edge.images import LoadedImage, load_image
+from edge.media.images import LoadedImage, load_image
 
 _OPTION_TYPES = {
     "max_tokens": int,
@@ -139,7 +139,7 @@ def _as_part(src: Any) -> dict:
 
 def generate_options(params: dict):
     """GenerateOptions from ``generate``'s params (unknown types refused, not ignored)."""
-    from edge.llm import GenerateOptions
+    from edge.medgemma.model import GenerateOptions
 
     kwargs = {}
     for key, kind in _OPTION_TYPES.items():

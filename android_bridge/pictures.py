@@ -20,7 +20,7 @@ from collections import OrderedDict
 from PIL import Image
 
 from edge.errors import EdgeError
-from edge.images import LoadedImage, load_image
+from edge.media.images import LoadedImage, load_image
 
 log = logging.getLogger(__name__)
 

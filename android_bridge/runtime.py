@@ -26,7 +26,7 @@ from typing import Any
 
 from android_bridge.protocol import ProtocolError
 from android_bridge.siglip import describe_encoder, open_encoder, open_index
-from edge.bundle import Bundle, open_bundle
+from edge.bundle.manifest import Bundle, open_bundle
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -151,7 +151,7 @@ class Runtime:
             progress("load", 0, total)
         bundle.verify(component=name, progress=verify_progress).raise_for_failure()
         if name == "medgemma":
-            from edge.llm import MedGemma
+            from edge.medgemma.model import MedGemma
 
             model = MedGemma(bundle, **{**self.model_options, **options})
         else:

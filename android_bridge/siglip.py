@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from android_bridge.protocol import ProtocolError
-from edge.bundle import Bundle
+from edge.bundle.manifest import Bundle
 
 
 def _module(name: str, what: str):
@@ -30,7 +30,7 @@ def open_encoder(bundle: Bundle, *, precision: str | None = None, threads: int |
         ProtocolError(not_loaded): edge.siglip is not in this build.
         InputError / IntegrityError: no medsiglip component, no such precision, a damaged file.
     """
-    siglip = _module("edge.siglip", "MedSigLIP")
+    siglip = _module("edge.medsiglip.model", "MedSigLIP")
     return siglip.MedSigLIP(bundle, precision=precision, threads=threads)
 
 
@@ -57,12 +57,12 @@ def open_index(directory: Path, encoder: Any = None) -> Any:
         ProtocolError(not_loaded): edge.cases is not in this build.
         InputError: no index there, or one built with another encoder.
     """
-    cases = _module("edge.cases", "the similar-case index")
+    cases = _module("edge.cases.index", "the similar-case index")
     return cases.CaseIndex.open(directory, encoder=encoder)
 
 
 def classification(out: Any) -> dict:
-    """edge.siglip's Classification (ranked) → the ``classify`` result."""
+    """edge.medsiglip.model's Classification (ranked) → the ``classify`` result."""
     if isinstance(out, dict):
         return out
     ranked = list(out.ranked)

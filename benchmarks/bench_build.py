@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
-from edge import accel
+from edge.device import accel
 n_backends = accel.load_backends()
 from llama_cpp import Llama
 llm = Llama(sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
@@ -47,7 +47,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.model is None:
         sys.path.insert(0, str(ROOT))
-        from edge.demo import small_model_path
+        from medgemma_edge.demo.main import small_model_path
 
         a.model = str(small_model_path())
     runs: dict[str, list[dict]] = {p: [] for p in a.python}

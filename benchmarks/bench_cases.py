@@ -48,7 +48,7 @@ def load() -> str:
 
 
 def sample_folder(dst: Path, n: int) -> Path:
-    from edge.demo_cases import KINDS
+    from medgemma_edge.demo.cases import KINDS
 
     rng = np.random.default_rng(0)
     kinds = list(KINDS.values())
@@ -59,8 +59,8 @@ def sample_folder(dst: Path, n: int) -> Path:
 
 
 def bench_indexing(bundle: Path, images: Path, label: str, configs) -> list[tuple]:
-    from edge.cases import CaseIndex
-    from edge.siglip import MedSigLIP
+    from edge.cases.index import CaseIndex
+    from edge.medsiglip.model import MedSigLIP
 
     rows = []
     for precision, batch in configs:
@@ -81,7 +81,7 @@ def bench_indexing(bundle: Path, images: Path, label: str, configs) -> list[tupl
 ONE_THREAD = """
 import json, statistics, sys, time
 import numpy as np
-from edge.cases import CaseIndex
+from edge.cases.index import CaseIndex
 idx, queries = CaseIndex.open(sys.argv[1]), np.load(sys.argv[2])
 idx.search(queries[0], k=10)  # loads the matrix
 times = []
@@ -133,7 +133,7 @@ def _recall(got: list, truth: list) -> float:
 
 
 def bench_search(n: int, n_queries: int, work: Path, usearch_max: int) -> list[tuple]:
-    from edge.cases import CaseIndex
+    from edge.cases.index import CaseIndex
 
     rng = np.random.default_rng(n)
     vecs, centres = _clustered(rng, n)
@@ -280,8 +280,8 @@ def main() -> None:
 
 def index_table(args, work: Path) -> None:
     """Build the tiny twin bundle in ``work``, index sample images at each precision, print the table."""
-    from edge.bundle import open_bundle
-    from export.onnx import export_medsiglip
+    from edge.bundle.manifest import open_bundle
+    from export.onnx.medsiglip import export_medsiglip
     from export.twin import build_twin
 
     twin = build_twin("medsiglip", size="tiny", out=work / "twin", seed=0).path

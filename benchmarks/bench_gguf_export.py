@@ -40,26 +40,26 @@ def child(step: str, args: dict) -> None:
 
         build_twin("medgemma", size="full", out=args["out"], seed=0)
         return
-    from export import gguf
-    from export.gguf_checkpoint import inspect_checkpoint
+    from export.gguf import convert
+    from export.gguf.checkpoint import inspect_checkpoint
 
     if step == "convert":
         ckpt = inspect_checkpoint(args["src"])
-        gguf.convert(
+        convert.convert(
             ckpt, kind=args["kind"], outtype=args["outtype"], out=Path(args["out"]), model_name="bench"
         )
     elif step == "quantize":
-        gguf.quantize(Path(args["src"]), Path(args["out"]), quant=args["quant"])
+        convert.quantize(Path(args["src"]), Path(args["out"]), quant=args["quant"])
     elif step == "bundle":
-        from edge.bundle import BundleWriter
+        from edge.bundle.manifest import BundleWriter
 
         with BundleWriter(args["bundle"], "medgemma") as w:
             for rel, src in args["files"].items():
                 os.link(src, w.path(rel))
-                w.add_file(rel, role=rel.split("/")[1].split("-")[0], gguf=gguf.gguf_facts(w.path(rel)))
+                w.add_file(rel, role=rel.split("/")[1].split("-")[0], gguf=convert.gguf_facts(w.path(rel)))
             w.component.update(source={"description": "bench: full twin", "synthetic": True})
     elif step == "verify":
-        from edge.bundle import open_bundle
+        from edge.bundle.manifest import open_bundle
 
         open_bundle(args["bundle"]).verify(trust_stamp=False).raise_for_failure()
     else:

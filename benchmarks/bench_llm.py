@@ -20,15 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge.llm import GenerateOptions, MedGemma
+from edge.medgemma.model import GenerateOptions, MedGemma
 
 PROMPT = "Question: What are the common symptoms of pneumonia?\nAnswer:"
 
 
 def small_model_bundle(tmp: Path) -> Path:
     """A bundle holding the real Gemma 3 270M, imported the way `medgemma-edge import` does."""
-    from edge.demo import small_model_path
-    from export.gguf_import import import_gguf
+    from export.gguf.importer import import_gguf
+    from medgemma_edge.demo.main import small_model_path
 
     out = tmp / "b270"
     import_gguf(small_model_path(), bundle=out, model_id="gemma3-270m")
@@ -99,7 +99,7 @@ def bench_image(bundle: Path, image: Path | None, threads: int | None) -> list[t
     import numpy as np
     from PIL import Image
 
-    from edge.images import load_image
+    from edge.media.images import load_image
 
     if image is None:
         buf = io.BytesIO()
@@ -154,10 +154,10 @@ def main() -> int:
         rows = bench_text(bundle, args.tokens, args.rounds, args.threads)
         table(
             f"text generation, {args.tokens} tokens, median of {args.rounds} alternating rounds ({bundle})",
-            ("metric", "raw llama-cpp-python", "edge.llm", "ratio"),
+            ("metric", "raw llama-cpp-python", "edge.medgemma.model", "ratio"),
             rows,
         )
-        from edge.bundle import open_bundle
+        from edge.bundle.manifest import open_bundle
 
         if any(f["role"] == "mmproj" for f in open_bundle(bundle).files("medgemma")):
             table(

@@ -57,7 +57,7 @@ _PEAK = "import resource; peak = resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 EXPORT = """
 import json, sys, time
-from export.onnx import export_medsiglip
+from export.onnx.medsiglip import export_medsiglip
 t = time.perf_counter()
 r = export_medsiglip(sys.argv[1], bundle=sys.argv[2], precisions=[sys.argv[3]], fidelity_images=2, threads=2)
 secs = time.perf_counter() - t
@@ -70,7 +70,7 @@ print(json.dumps({"seconds": secs, "stages": r.stage_seconds, "tower_bytes": tow
 LAT_ORT = """
 import json, sys, time
 import numpy as np
-from edge.encoder import load_session
+from edge.medsiglip.onnx_towers import load_session
 sess = load_session(sys.argv[1], "vision", sys.argv[2], threads=2)
 assert not [m for m in ("torch", "transformers") if m in sys.modules]
 x = np.random.default_rng(0).standard_normal((4, 3, 448, 448)).astype(np.float32)
@@ -99,10 +99,10 @@ VARIANT = """
 import json, sys, time
 from pathlib import Path
 import numpy as np, onnxruntime as ort
-from export import onnx_graph
+from export.onnx import graph
 src, out, variant = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 t = time.perf_counter()
-onnx_graph.to_int8(src, out, variant=variant, external_data=False)
+graph.to_int8(src, out, variant=variant, external_data=False)
 qsecs = time.perf_counter() - t
 so = ort.SessionOptions(); so.intra_op_num_threads = 2
 x = np.random.default_rng(0).standard_normal((2, 3, 448, 448)).astype(np.float32)

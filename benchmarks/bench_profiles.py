@@ -36,7 +36,7 @@ def bench(bundle: Path, history: Path, *flags: str) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "edge.cli",
+        "medgemma_edge.cli",
         "bench",
         "-b",
         str(bundle),
@@ -54,8 +54,8 @@ ENCODER_CHILD = r"""
 import io, json, resource, sys, time
 import numpy as np
 from PIL import Image
-from edge.bundle import open_bundle
-from edge.images import load_image
+from edge.bundle.manifest import open_bundle
+from edge.media.images import load_image
 bundle, kind, threads = open_bundle(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 buf = io.BytesIO()
 Image.fromarray((np.random.RandomState(0).rand(896, 896, 3) * 255).astype("uint8")).save(buf, "PNG")
@@ -63,12 +63,12 @@ img = load_image(buf.getvalue())
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 entry = next(f for f in bundle.files("medgemma") if f["path"].endswith(kind))
 if kind.endswith(".onnx"):
-    from edge.image_encoders import OnnxImageEncoder
+    from edge.medgemma.vision import OnnxImageEncoder
     enc = OnnxImageEncoder(bundle.path(entry), entry, threads=threads)
     n_embd = 2560
 else:
-    from edge.image_encoders import MmprojImageEncoder
-    from edge.llm_load import load_llama
+    from edge.medgemma.vision import MmprojImageEncoder
+    from edge.medgemma.loading import load_llama
     text = next(f for f in bundle.files("medgemma") if f["role"] == "text")
     llm = load_llama(bundle.path(text), repack=False, n_ctx=64, verbose=False)  # mapped, untouched
     enc = MmprojImageEncoder(bundle.path(entry), entry, llm.model, threads=threads, flash_attn=True)
@@ -93,7 +93,7 @@ def encoder_alone(bundle: Path, kind: str, threads: int) -> dict:
 def main() -> int:
     from full_bundle import ensure
 
-    from edge.profiles import all_profiles
+    from edge.device.profiles import all_profiles
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, help="default: the cached full-twin bundle (built on demand)")

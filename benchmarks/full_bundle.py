@@ -32,7 +32,7 @@ NEEDED = {f"medgemma/text-{q}.gguf" for q in QUANTS} | {
 
 
 def _cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "edge.cli", *args]
+    cmd = [sys.executable, "-m", "medgemma_edge.cli", *args]
     print("  $ medgemma-edge " + " ".join(args), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -40,7 +40,7 @@ def _cli(*args: str) -> None:
 
 
 def _has(bundle: Path) -> set[str]:
-    from edge.bundle import open_bundle
+    from edge.bundle.manifest import open_bundle
     from edge.errors import EdgeError
 
     try:
@@ -64,7 +64,7 @@ def _twin(kind: str) -> Path:
 
 
 def _vision_is_current(bundle: Path) -> bool:
-    from edge.bundle import open_bundle
+    from edge.bundle.manifest import open_bundle
 
     entries = [f for f in open_bundle(bundle).files("medgemma") if f["role"] == "vision-onnx"]
     return all(f.get("onnx", {}).get("attention") == "MultiHeadAttention" for f in entries)
@@ -83,7 +83,7 @@ def ensure(bundle: Path = BUNDLE) -> Path:
     if not _vision_is_current(bundle):
         print("re-exporting the vision ONNX graph (made before the MultiHeadAttention rewrite)", flush=True)
         t0 = time.perf_counter()
-        from export.medgemma_vision import export_vision_onnx
+        from export.onnx.medgemma_vision import export_vision_onnx
 
         export_vision_onnx(_twin("medgemma"), bundle=bundle, precisions="int8")
         print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge import registry
-from edge.bundle import writable_parent
+from edge.bundle import registry
+from edge.bundle.manifest import writable_parent
 from edge.errors import UsageError, require
 
 log = logging.getLogger(__name__)

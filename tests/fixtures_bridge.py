@@ -123,7 +123,7 @@ def make_bridge(**runtime_kwargs) -> Bridge:
 
 
 def start_server(bridge: Bridge, tmp: Path, **settings):
-    from android_bridge.server import RunningServer
+    from android_bridge.http.server import RunningServer
     from android_bridge.settings import ServeSettings
 
     server = RunningServer(ServeSettings(**settings), bridge).start()

@@ -14,7 +14,7 @@ def cases_samples(tmp_path_factory) -> Path:
     """A folder of varied small images: film-like PNG, skin-like JPEG, fundus-like, 16-bit, DICOM."""
     import pydicom
 
-    from edge.demo_cases import KINDS
+    from medgemma_edge.demo.cases import KINDS
 
     root = tmp_path_factory.mktemp("cases-samples")
     rng = np.random.default_rng(7)
@@ -32,14 +32,14 @@ def cases_samples(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def int8_encoder(medsiglip_bundle):
-    from edge.siglip import MedSigLIP
+    from edge.medsiglip.model import MedSigLIP
 
     return MedSigLIP(medsiglip_bundle, precision="int8", threads=2)
 
 
 @pytest.fixture(scope="session")
 def fp32_encoder(medsiglip_bundle):
-    from edge.siglip import MedSigLIP
+    from edge.medsiglip.model import MedSigLIP
 
     return MedSigLIP(medsiglip_bundle, precision="fp32", threads=2)
 
@@ -57,7 +57,7 @@ def twin_reference(medsiglip_twin):
 @pytest.fixture
 def fresh_index(tmp_path, int8_encoder):
     """An empty index bound to the int8 encoder."""
-    from edge.cases import CaseIndex
+    from edge.cases.index import CaseIndex
 
     with CaseIndex.open(tmp_path / "index", encoder=int8_encoder, create=True) as idx:
         yield idx

@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def gguf_export(tmp_path_factory, medgemma_twin):
     """The tiny twin exported (f32 conversion kept, Q8_0, Q4_K_M, mmproj f16 + q8_0, fidelity)."""
-    from export.gguf import export_medgemma
+    from export.gguf.convert import export_medgemma
 
     root = tmp_path_factory.mktemp("gguf") / "bundle"
     return export_medgemma(

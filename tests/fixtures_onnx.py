@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def medsiglip_export(medsiglip_twin, tmp_path_factory):
     """The tiny twin exported at every precision (inline weights): an ExportResult."""
-    from export.onnx import export_medsiglip
+    from export.onnx.medsiglip import export_medsiglip
 
     root = tmp_path_factory.mktemp("onnx") / "bundle"
     return export_medsiglip(medsiglip_twin, bundle=root, precisions="fp32,int8,fp16")
@@ -25,7 +25,7 @@ def medsiglip_bundle(medsiglip_export) -> Path:
 @pytest.fixture(scope="session")
 def medsiglip_ext_bundle(medsiglip_twin, tmp_path_factory) -> Path:
     """The tiny twin exported fp32 + int8 with weights forced into external .onnx.data files."""
-    from export.onnx import export_medsiglip
+    from export.onnx.medsiglip import export_medsiglip
 
     root = tmp_path_factory.mktemp("onnx-ext") / "bundle"
     export_medsiglip(

@@ -146,7 +146,7 @@ def test_loading_answers_retry_after_then_ready(twin_llm_bundle, tmp_path):
 
 
 def test_search_similar_over_a_case_index(twin_bridge, medsiglip_bundle, tmp_path):
-    from edge.cases import CaseIndex
+    from edge.cases.index import CaseIndex
 
     encoder = twin_bridge.runtime.slots["medsiglip"].model
     rng = __import__("numpy").random.default_rng(3)

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from edge import cli
-from edge.cases import CaseIndex
-from edge.cases_ingest import iter_files
-from edge.cases_transfer import export_index, import_index
+from edge.cases.index import CaseIndex
+from edge.cases.ingest import iter_files
+from edge.cases.transfer import export_index, import_index
 from edge.errors import Cancelled, InputError, UsageError
-from edge.siglip import MedSigLIP
+from edge.medsiglip.model import MedSigLIP
+from medgemma_edge import cli
 
 CORRUPT = b"\x89PNG\r\n\x1a\n" + bytes(30)
 
@@ -285,8 +285,8 @@ def test_export_import_round_trip(tmp_path, int8_encoder, medsiglip_ext_bundle, 
 EDGE_ONLY = """
 import json, sys
 HEAVY = ("torch", "transformers", "onnx", "optimum", "export")
-from edge.cases import CaseIndex
-from edge.siglip import MedSigLIP
+from edge.cases.index import CaseIndex
+from edge.medsiglip.model import MedSigLIP
 b, idx, img, folder = sys.argv[1:5]
 enc = MedSigLIP(b, threads=1)
 enc.classify(img, labels=["a", "b"])
@@ -294,7 +294,7 @@ with CaseIndex.open(idx, encoder=enc, create=True) as i:
     i.add([folder], encoder=enc)
     i.search_text("a chest x-ray", encoder=enc)
 library = sorted(m for m in HEAVY if m in sys.modules)
-from edge.cli import main  # the CLI builds every verb's parser: export/ is imported, torch is not
+from medgemma_edge.cli import main  # the CLI builds every verb's parser: export/ is imported, torch is not
 codes = [
     main(["classify", "-b", b, img, "--labels", "a,b", "--json"]),
     main(["index", "-b", b, "--index", idx + "2", "add", folder, "--json"]),
@@ -318,7 +318,7 @@ def test_edge_process_never_imports_torch_or_transformers(tmp_path, medsiglip_bu
 
 
 def test_demo_cases_indexes_samples_and_resumes(tmp_path, medsiglip_bundle):
-    from edge.demo_cases import demo_cases
+    from medgemma_edge.demo.cases import demo_cases
 
     first = demo_cases(tmp_path, medsiglip_bundle)
     skipped = {name for name, _ in first["failed"]}

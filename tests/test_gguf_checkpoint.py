@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 from fixtures_gguf import edit_config
 
-from export.gguf_checkpoint import inspect_checkpoint, layer_types, llama_cpp_layer_types
+from export.gguf.checkpoint import inspect_checkpoint, layer_types, llama_cpp_layer_types
 
 
 def _split_into_missing_shard(ckpt):
@@ -118,7 +118,7 @@ def _to_transformers5_layout(ckpt):
 def test_transformers5_layout_converts_to_the_same_gguf(twin_copy, gguf_bundle, tmp_path):
     import gguf
 
-    from export.gguf import export_medgemma
+    from export.gguf.convert import export_medgemma
 
     keys = _to_transformers5_layout(twin_copy)
     assert any(k.startswith("model.language_model.") for k in keys)

@@ -10,9 +10,9 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from edge.bundle import open_bundle
+from edge.bundle.manifest import open_bundle
 from edge.errors import IntegrityError, ResourceError, UsageError
-from edge.models import load_checked, open_medgemma
+from edge.medgemma.stock import load_checked, open_medgemma
 
 TEXT_QUANTS = ["F32", "Q8_0", "Q4_K_M"]
 MMPROJ_TYPES = ["f16", "q8_0"]
@@ -105,7 +105,7 @@ def test_f32_gguf_tensors_equal_the_checkpoint(gguf_bundle, medgemma_twin):
 
 
 def _png_data_uri(size: int) -> str:
-    from export.gguf_fidelity import test_image
+    from export.gguf.fidelity import test_image
 
     buf = io.BytesIO()
     Image.fromarray(test_image(size)).save(buf, format="PNG")
@@ -185,16 +185,16 @@ def test_stamp_skips_rehash_until_size_or_mtime_change(gguf_bundle_copy):
 
 
 def test_interrupted_export_leaves_the_previous_bundle(gguf_bundle_copy, medgemma_twin, monkeypatch):
-    from export import gguf
+    from export.gguf import convert
 
     before = (gguf_bundle_copy / "manifest.json").read_bytes()
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gguf, "quantize", boom)
+    monkeypatch.setattr(convert, "quantize", boom)
     with pytest.raises(KeyboardInterrupt):
-        gguf.export_medgemma(medgemma_twin, bundle=gguf_bundle_copy, quants="Q8_0", fidelity=False)
+        convert.export_medgemma(medgemma_twin, bundle=gguf_bundle_copy, quants="Q8_0", fidelity=False)
     assert (gguf_bundle_copy / "manifest.json").read_bytes() == before
     left = sorted(p.name for p in gguf_bundle_copy.parent.iterdir() if p.name != ".bundle.lock")
     assert left == ["bundle"]  # no scratch or staging directory left
@@ -202,17 +202,17 @@ def test_interrupted_export_leaves_the_previous_bundle(gguf_bundle_copy, medgemm
 
 
 def test_not_enough_disk_fails_before_writing(medgemma_twin, tmp_path, monkeypatch):
-    from export import gguf
+    from export.gguf import convert
 
-    real = gguf.shutil.disk_usage
-    monkeypatch.setattr(gguf.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = convert.shutil.disk_usage
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(ResourceError, match="not enough disk"):
-        gguf.export_medgemma(medgemma_twin, bundle=tmp_path / "b", quants="Q8_0", fidelity=False)
+        convert.export_medgemma(medgemma_twin, bundle=tmp_path / "b", quants="Q8_0", fidelity=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_quant_is_a_usage_error(medgemma_twin, tmp_path):
-    from export.gguf import export_medgemma
+    from export.gguf.convert import export_medgemma
 
     with pytest.raises(UsageError, match="unknown quantization 'Q3_XX'"):
         export_medgemma(medgemma_twin, bundle=tmp_path / "b", quants="Q8_0,Q3_XX")

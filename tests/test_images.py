@@ -8,7 +8,7 @@ from conftest import png_header_only
 from PIL import Image
 
 from edge.errors import InputError, TooLargeError
-from edge.images import load_image
+from edge.media.images import load_image
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"  # pydicom's own samples, offline
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from edge.bundle import open_bundle
-from edge.models import open_medgemma
+from edge.bundle.manifest import open_bundle
+from edge.medgemma.stock import open_medgemma
 
 
 @pytest.fixture(scope="session")
 def real_270m() -> Path:
-    from edge.demo import small_model_path
+    from medgemma_edge.demo.main import small_model_path
 
     return small_model_path()
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.images import load_image
-from edge.kv_prefix import ImageSegment, reusable_prefix
-from edge.llm import GenerateOptions, MedGemma
+from edge.medgemma.kv_prefix import ImageSegment, reusable_prefix
+from edge.medgemma.model import GenerateOptions, MedGemma
+from edge.media.images import load_image
 
 GREEDY = GenerateOptions(max_tokens=8, stop=[])
 

@@ -16,8 +16,8 @@ from conftest import png_header_only, run_cli
 from PIL import Image
 
 from edge.errors import Busy, ContextOverflow, IntegrityError
-from edge.images import load_image
-from edge.llm import GenerateOptions
+from edge.medgemma.model import GenerateOptions
+from edge.media.images import load_image
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 QUESTION = "What are the common symptoms of pneumonia?"
@@ -121,7 +121,7 @@ def test_schema_rules_the_grammar_cant_enforce_are_reported(small_model):
 
 
 def test_prompt_longer_than_context_is_refused_with_counts(small_model_bundle):
-    from edge.llm import MedGemma
+    from edge.medgemma.model import MedGemma
 
     with (
         MedGemma(small_model_bundle, n_ctx=32) as m,
@@ -173,8 +173,8 @@ def test_cached_embeddings_give_the_same_logits_as_encoding(twin_model):
 
 
 def test_disk_image_cache_survives_a_new_model(twin_llm_bundle, tmp_path):
-    from edge.image_cache import ImageCache
-    from edge.llm import MedGemma
+    from edge.medgemma.model import MedGemma
+    from edge.media.image_cache import ImageCache
 
     image = load_image(_png_bytes(21))
     opts = GenerateOptions(max_tokens=2)
@@ -254,7 +254,7 @@ def test_cli_missing_or_tampered_bundle_file(twin_llm_bundle, tmp_path):
 
 
 def test_integrity_error_from_library(twin_llm_bundle, tmp_path):
-    from edge.llm import MedGemma
+    from edge.medgemma.model import MedGemma
 
     copy = tmp_path / "b"
     shutil.copytree(twin_llm_bundle, copy)
@@ -275,7 +275,7 @@ def deny(*a, **k):
 socket.socket.connect = deny
 socket.socket.connect_ex = deny
 socket.create_connection = deny
-from edge.cli import main
+from medgemma_edge.cli import main
 rc = main(["ask", "-b", {str(small_model_bundle)!r}, "What is pneumonia?", "--max-tokens", "8", "--json"])
 print("ATTEMPTS", len(attempts), file=sys.stderr)
 sys.exit(rc)

@@ -12,12 +12,12 @@ from conftest import ROOT, run_cli
 from PIL import Image
 from safetensors.numpy import load_file
 
-from edge import encoder
-from edge.bundle import open_bundle
+from edge.bundle.manifest import open_bundle
 from edge.errors import InputError, IntegrityError, UsageError
-from export import onnx_fidelity as fid
-from export.onnx import export_medsiglip
-from export.onnx_labels import LABEL_SETS
+from edge.medsiglip import onnx_towers
+from export.onnx import fidelity as fid
+from export.onnx.labels import LABEL_SETS
+from export.onnx.medsiglip import export_medsiglip
 
 FP32_COSINE = 0.99999
 
@@ -71,16 +71,16 @@ DEVICE_RUN = """
 import json, sys
 import numpy as np
 from PIL import Image
-from edge import encoder
-from edge.siglip_preprocess import images_to_batch
+from edge.medsiglip import onnx_towers
+from edge.medsiglip.preprocess import images_to_batch
 bundle, inputs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-spec, tok = encoder.load_preprocessing(bundle)
+spec, tok = onnx_towers.load_preprocessing(bundle)
 px = images_to_batch([Image.open(p) for p in inputs["images"]], spec)
 ids = tok.batch(inputs["texts"])
 res = {}
 for prec in ("fp32", "int8", "fp16"):
-    v = encoder.load_session(bundle, "vision", prec, threads=1)
-    t = encoder.load_session(bundle, "text", prec, threads=1)
+    v = onnx_towers.load_session(bundle, "vision", prec, threads=1)
+    t = onnx_towers.load_session(bundle, "text", prec, threads=1)
     res[f"{prec}_img"] = v.run(None, {"pixel_values": px})[0]
     res[f"{prec}_img1"] = np.concatenate([v.run(None, {"pixel_values": px[i:i + 1]})[0] for i in range(len(px))])
     res[f"{prec}_txt"] = t.run(None, {"input_ids": ids})[0]
@@ -154,7 +154,7 @@ def test_external_data_bundle_verifies_and_runs(medsiglip_ext_bundle):
     assert rep.ok
     facts = {f.path: f.facts for f in rep.files}
     assert facts["medsiglip/vision-fp32.onnx"]["external"] == "vision-fp32.onnx.data"
-    sess = encoder.load_session(b, "vision", "fp32", threads=1)
+    sess = onnx_towers.load_session(b, "vision", "fp32", threads=1)
     out = sess.run(None, {"pixel_values": np.zeros((1, 3, 448, 448), np.float32)})
     assert out[0].shape == (1, b.component("medsiglip")["embedding_dim"])
 
@@ -182,9 +182,9 @@ def test_damaged_files_fail_verify_and_load(ext_bundle_copy, name, how):
         assert name in bad[f"medsiglip/{name.removesuffix('.data')}"]
     prec = name.split("-")[1].split(".")[0]
     with pytest.raises(IntegrityError, match=name.replace(".", r"\.")):
-        encoder.load_session(ext_bundle_copy, "vision", prec)
+        onnx_towers.load_session(ext_bundle_copy, "vision", prec)
     # the other tower is untouched and still loads
-    assert encoder.load_session(ext_bundle_copy, "text", prec) is not None
+    assert onnx_towers.load_session(ext_bundle_copy, "text", prec) is not None
 
 
 def test_non_siglip_checkpoint_fails_before_writing(tmp_path):
@@ -222,7 +222,7 @@ def test_bad_precision_is_a_usage_error(medsiglip_twin, tmp_path):
 
 
 def test_cli_json_export_keeps_other_component(medsiglip_twin, tmp_path):
-    from edge.bundle import BundleWriter
+    from edge.bundle.manifest import BundleWriter
 
     root = tmp_path / "B"
     with BundleWriter(root, "medgemma") as w:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from edge import onnx_header
+from edge.bundle import onnx_header
 from edge.errors import IntegrityError
 
 
@@ -58,7 +58,7 @@ def test_truncated_and_foreign_files(medsiglip_bundle, tmp_path):
 
 
 def test_check_against_manifest(medsiglip_ext_bundle, tmp_path):
-    from edge.bundle import open_bundle
+    from edge.bundle.manifest import open_bundle
 
     b = open_bundle(medsiglip_ext_bundle)
     entry = b.file("medsiglip", "text", precision="fp32")

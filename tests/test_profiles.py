@@ -3,10 +3,10 @@
 import pytest
 from conftest import run_cli
 
-from edge import profiles, resources
-from edge.bundle import open_bundle
+from edge.bundle.gguf_header import read_header
+from edge.bundle.manifest import open_bundle
+from edge.device import profiles, resources
 from edge.errors import UsageError
-from edge.gguf_header import read_header
 
 GIB = 2**30
 KNOBS = {
@@ -81,7 +81,7 @@ def test_repacked_copy_counts_the_types_the_cpu_repacks(twin_llm_bundle):
 
 
 def _q8_matmul_bytes(header):
-    from edge.gguf_header import tensor_bytes
+    from edge.bundle.gguf_header import tensor_bytes
 
     for name, (shape, ttype) in header.tensors.items():
         if ttype == 8 and len(shape) == 2 and not name.startswith("token_embd"):

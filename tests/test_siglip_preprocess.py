@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge import encoder
-from edge.siglip_preprocess import image_to_pixels
+from edge.medsiglip import onnx_towers
+from edge.medsiglip.preprocess import image_to_pixels
 
 _rng = np.random.default_rng(0)
 IMAGES = {
@@ -55,7 +55,7 @@ def reference(medsiglip_twin):
 
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_pixels_equal_transformers(medsiglip_bundle, reference, name):
-    spec, _ = encoder.load_preprocessing(medsiglip_bundle)
+    spec, _ = onnx_towers.load_preprocessing(medsiglip_bundle)
     image = IMAGES[name]
     # the reference path: transformers' convert_to_rgb then the processor; channels_last stated
     # because transformers mistakes a 1x1x3 array for channels-first
@@ -69,7 +69,7 @@ def test_pixels_equal_transformers(medsiglip_bundle, reference, name):
 
 @pytest.mark.filterwarnings("ignore:This sequence already has")  # "end </s>" is meant to test that
 def test_ids_equal_transformers(medsiglip_bundle, reference):
-    _, tok = encoder.load_preprocessing(medsiglip_bundle)
+    _, tok = onnx_towers.load_preprocessing(medsiglip_bundle)
     ref = reference(text=TEXTS, padding="max_length", truncation=True, max_length=64)["input_ids"]
     got = tok.batch(TEXTS)
     assert got.shape == (len(TEXTS), 64)
@@ -82,7 +82,7 @@ def test_ids_equal_transformers(medsiglip_bundle, reference):
 def test_resample_follows_the_checkpoint(medsiglip_twin, tmp_path):
     import transformers
 
-    from export.onnx import preprocessing
+    from export.onnx.medsiglip import preprocessing
 
     src = tmp_path / "src"
     shutil.copytree(medsiglip_twin, src)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.bundle import open_bundle
+from edge.bundle.manifest import open_bundle
 from edge.errors import Cancelled, InputError, UsageError
-from edge.siglip import NOT_PROBABILITIES, MedSigLIP
-from export import onnx_fidelity as fid
-from export.onnx_labels import LABEL_SETS
+from edge.medsiglip.model import NOT_PROBABILITIES, MedSigLIP
+from export.onnx import fidelity as fid
+from export.onnx.labels import LABEL_SETS
 
 FP32_COSINE = 0.99999  # the export's bound for fp32 on tiny twins
 

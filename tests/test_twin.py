@@ -7,7 +7,7 @@ import torch
 import transformers
 from PIL import Image
 
-from edge import registry
+from edge.bundle import registry
 from export import twin
 
 

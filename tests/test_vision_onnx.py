@@ -5,8 +5,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from edge.images import load_image
-from edge.llm import GenerateOptions, MedGemma
+from edge.medgemma.model import GenerateOptions, MedGemma
+from edge.media.images import load_image
 
 
 def _image(seed: int):
@@ -30,7 +30,7 @@ def _embeddings(bundle, encoder: str, image) -> tuple[np.ndarray, list[int]]:
 
 
 def test_export_records_fidelity_and_verifies(vision_bundle):
-    from edge.bundle import open_bundle
+    from edge.bundle.manifest import open_bundle
 
     b = open_bundle(vision_bundle)
     entries = {f["precision"]: f for f in b.files("medgemma") if f["role"] == "vision-onnx"}
@@ -65,7 +65,7 @@ def test_attention_rewrite_keeps_the_arithmetic():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.onnx_mha import attention_to_mha
+    from export.onnx.mha import attention_to_mha
 
     rng = np.random.RandomState(0)
     d, heads, s = 32, 4, 50
@@ -101,7 +101,7 @@ def test_attention_rewrite_keeps_the_arithmetic():
 def test_exported_vision_graph_uses_multihead_attention(vision_bundle):
     import onnx
 
-    from edge.bundle import open_bundle
+    from edge.bundle.manifest import open_bundle
 
     b = open_bundle(vision_bundle)
     entry = next(

@@ -23,7 +23,7 @@ from conftest import ROOT, png_header_only
 from fixtures_bridge import IMAGE_PNG, make_bridge, start_server
 from PIL import Image
 
-from android_bridge.page import STATIC, WEB
+from android_bridge.http.page import STATIC, WEB
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -64,7 +64,7 @@ class Paced:
 
 @pytest.fixture(scope="module")
 def case_index(twin_bridge, tmp_path_factory) -> Path:
-    from edge.cases import CaseIndex
+    from edge.cases.index import CaseIndex
 
     encoder = twin_bridge.runtime.slots["medsiglip"].model
     src = tmp_path_factory.mktemp("web-cases")
@@ -458,8 +458,8 @@ def test_serve_open_opens_the_page_with_its_token(twin_llm_bundle, tmp_path, mon
     import signal
     import webbrowser
 
-    from android_bridge.server import RunningServer
-    from edge.cli import build_parser
+    from android_bridge.http.server import RunningServer
+    from medgemma_edge.cli import build_parser
 
     opened: list[str] = []
     monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)

@@ -1,0 +1,1 @@
+"""Bundles: the manifest and its verification, atomic writes, GGUF/ONNX header readers, the model registry."""

@@ -1,0 +1,427 @@
+"""Similar-case index: MedSigLIP image embeddings of prior cases in a local, crash-safe SQLite file.
+
+```
+INDEX_DIR/
+  cases.sqlite      WAL mode; tables info (key/value), cases, case_meta
+  files/ab/<sha256><ext>   copies of the images, only for cases added with copy=True
+```
+
+``cases`` holds one row per image: integer id, sha256 of the file bytes (UNIQUE: a file is
+never indexed twice), where it came from (``source``) or the index's own copy (``stored``),
+format and size, the encoder fingerprint, and the L2-normalized embedding as packed float32.
+``case_meta`` holds key/value metadata per case (``format``, DICOM ``modality`` and whatever the
+caller adds), indexed for ``where`` filters.
+
+An index is bound to one embedding space: the fingerprint of the bundle's ``medsiglip``
+component and the tower precision (:attr:`edge.siglip.MedSigLIP.fingerprint`), recorded at
+creation. Opening it with another encoder is refused, never mixed.
+
+Crash safety: :meth:`CaseIndex.add` (:mod:`edge.cases_ingest`) embeds a batch, then writes it
+in one transaction (:meth:`CaseIndex.insert_batch`; copies first, through a temp file and
+rename). A kill at any point leaves every batch either fully there or absent; re-running the
+same add skips what is there (by content hash) and adds the rest. Search is brute-force cosine over the whole matrix in numpy, loaded once and
+reloaded only when the database changed (``PRAGMA data_version`` catches other processes).
+Export/import (moving an index between devices) lives in :mod:`edge.cases_transfer`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from edge.cases.ingest import AddReport
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medgemma-edge-cases/1"
+DB_NAME = "cases.sqlite"
+FILES_DIR = "files"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, kept by export/import
+    content_hash TEXT NOT NULL UNIQUE,   -- sha256 of the file's bytes
+    source       TEXT,                   -- absolute path it was added from
+    stored       TEXT,                   -- its copy under files/ (copy policy), else NULL
+    format       TEXT NOT NULL,
+    width        INTEGER NOT NULL,
+    height       INTEGER NOT NULL,
+    fingerprint  TEXT NOT NULL,          -- the encoder's (bundle component + precision)
+    embedding    BLOB NOT NULL,          -- float32 little-endian, L2-normalized
+    created      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS case_meta (
+    case_id INTEGER NOT NULL REFERENCES cases(id) ON DELETE CASCADE,
+    key     TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    PRIMARY KEY (case_id, key)
+);
+CREATE INDEX IF NOT EXISTS case_meta_kv ON case_meta(key, value);
+"""
+
+
+@dataclass
+class Entry:
+    """One search hit. ``content`` is where the image is: the index's copy, else its source path."""
+
+    id: int
+    score: float  # cosine similarity of the L2-normalized embeddings, -1..1
+    content: str | None
+    metadata: dict[str, str]
+    content_hash: str = ""
+    created: str = ""
+
+    def to_json(self) -> dict:
+        return vars(self).copy()
+
+
+def parse_pairs(items: Iterable[str] | None, what: str = "--meta") -> dict[str, str]:
+    """``["k=v", ...]`` → dict; UsageError naming the bad item."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{what} wants key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode with foreign keys on; autocommit (transactions are explicit)."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class CaseIndex:
+    """A similar-case index directory bound to one encoder fingerprint. Use :meth:`open`."""
+
+    def __init__(self, root: Path, conn: sqlite3.Connection, info: dict[str, str]):
+        self.root = root
+        self.conn = conn
+        self.info = info
+        self._lock = threading.RLock()
+        self._writes = 0
+        self._cache: tuple[tuple, np.ndarray, np.ndarray] | None = None  # (version, ids, matrix)
+        self._buf: tuple[np.ndarray, np.ndarray] | None = None  # the cache's storage, with headroom
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, root: str | os.PathLike, *, encoder=None, fingerprint: str | None = None, create: bool = False
+    ) -> CaseIndex:
+        """Open (or with ``create`` make) the index at ``root``.
+
+        Args:
+            encoder: a :class:`edge.siglip.MedSigLIP`; its fingerprint must match the index's.
+            fingerprint: the same check without an encoder (None and no encoder: no check).
+            create: make the directory and database if missing, bound to the encoder.
+        Raises:
+            InputError: no index there (and not ``create``), not an index, or another encoder's.
+        """
+        root = Path(root)
+        db = root / DB_NAME
+        if not db.is_file():
+            if not create:
+                raise InputError(
+                    f"{root} is not a case index (no {DB_NAME}); create it with `medgemma-edge index "
+                    f"--index {root} add FILES`"
+                )
+            if encoder is None:
+                raise UsageError("creating an index needs the encoder it will be bound to")
+            if root.exists() and not root.is_dir():
+                raise InputError(f"{root} exists and is not a directory")
+            root.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = connect(db)
+            conn.executescript(SCHEMA)
+            if encoder is not None:
+                rows = {
+                    "format": FORMAT,
+                    "fingerprint": encoder.fingerprint,
+                    "precision": encoder.precision,
+                    "dim": str(encoder.dim),
+                    "model": str(encoder.bundle.component("medsiglip").get("model", "medsiglip")),
+                    "created": _now(),
+                }
+                conn.executemany("INSERT OR IGNORE INTO info(key, value) VALUES (?, ?)", rows.items())
+            info = dict(conn.execute("SELECT key, value FROM info"))
+        except sqlite3.DatabaseError as exc:
+            raise InputError(
+                f"{db} is not a readable case index ({exc}); restore it from an export"
+            ) from None
+        if info.get("format") != FORMAT:
+            raise InputError(
+                f"{db}: format {info.get('format')!r} is not {FORMAT!r}; this runtime can't use it"
+            )
+        want = encoder.fingerprint if encoder is not None else fingerprint
+        if want is not None and info["fingerprint"] != want:
+            conn.close()
+            raise InputError(
+                f"index {root} was built with another MedSigLIP encoder (fingerprint {info['fingerprint']}, "
+                f"{info.get('model')} {info.get('precision')}); this bundle's is {want}: use the bundle "
+                "it was built with, or build a new index"
+            )
+        return cls(root, conn, info)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> CaseIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    def count(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+
+    def has(self, content_hash: str) -> bool:
+        with self._lock:
+            row = self.conn.execute("SELECT 1 FROM cases WHERE content_hash = ?", (content_hash,))
+            return row.fetchone() is not None
+
+    # -- adding ------------------------------------------------------------------------------------
+
+    def add(self, sources: Iterable[str | os.PathLike], *, encoder, **options) -> AddReport:
+        """Index image files and folders (recursive), one transaction per batch; resumable.
+
+        See :func:`edge.cases_ingest.add_files` for the options (meta, copy, batch_size,
+        cancel, progress) and what is skipped.
+        """
+        from edge.cases.ingest import add_files
+
+        return add_files(self, sources, encoder=encoder, **options)
+
+    def insert_batch(
+        self, rows: list[dict], embeddings: np.ndarray, *, meta: dict[str, str], on_row=None
+    ) -> int:
+        """Write one batch in one transaction: all of it, or (on any error or kill) none of it.
+
+        ``rows``: dicts with hash, source, stored, format, size (w, h), facts (metadata).
+        ``embeddings``: ``[len(rows), D]`` float32, L2-normalized. A row whose bytes are already
+        indexed (another process got there first) is skipped. ``on_row()`` runs after each
+        inserted row, inside the transaction. Returns how many rows were inserted.
+        """
+        t0 = time.perf_counter()
+        created = _now()
+        inserted = 0
+        with self._lock:
+            cur = self.conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                for r, e in zip(rows, embeddings, strict=True):
+                    cur.execute(
+                        "INSERT OR IGNORE INTO cases(content_hash, source, stored, format, width, height, "
+                        "fingerprint, embedding, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            r["hash"],
+                            r["source"],
+                            r["stored"],
+                            r["format"],
+                            int(r["size"][0]),
+                            int(r["size"][1]),
+                            self.fingerprint,
+                            np.ascontiguousarray(e, dtype="<f4").tobytes(),
+                            created,
+                        ),
+                    )
+                    if cur.rowcount != 1:
+                        continue
+                    cur.executemany(
+                        "INSERT INTO case_meta(case_id, key, value) VALUES (?, ?, ?)",
+                        [(cur.lastrowid, k, v) for k, v in {**r["facts"], **meta}.items()],
+                    )
+                    inserted += 1
+                    if on_row:
+                        on_row()
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            self._writes += 1
+        log.info(
+            "index: committed %d of a batch of %d in %.2fs", inserted, len(rows), time.perf_counter() - t0
+        )
+        return inserted
+
+    # -- searching ---------------------------------------------------------------------------------
+
+    def _matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [N] int64, embeddings [N, D] float32), cached until the database changes.
+
+        ids only grow (AUTOINCREMENT) and ``add`` only appends, so a change is read
+        incrementally into spare capacity of the cached buffers (no copy of the matrix); a
+        deletion (the counts disagree) reloads it all. The arrays returned are views that later
+        refreshes never write into.
+        """
+        with self._lock:
+            version = (self.conn.execute("PRAGMA data_version").fetchone()[0], self._writes)
+            if self._cache is not None and self._cache[0] == version:
+                return self._cache[1], self._cache[2]
+            t0 = time.perf_counter()
+            have = len(self._cache[1]) if self._cache is not None else 0
+            last = int(self._cache[1][-1]) if have else 0
+            total = self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]  # via the hash index
+            new = self.conn.execute("SELECT COUNT(*) FROM cases WHERE id > ?", (last,)).fetchone()[0]
+            if total != have + new:  # something was removed: start again
+                have, last, self._buf = 0, 0, None
+            self._grow(have + new, keep=have)
+            ids_buf, mat_buf = self._buf
+            rows = self.conn.execute("SELECT id, embedding FROM cases WHERE id > ? ORDER BY id", (last,))
+            n = have
+            for case_id, blob in rows:
+                if n == len(ids_buf):  # rows committed between the counts and this read
+                    self._grow(n + 1, keep=n)
+                    ids_buf, mat_buf = self._buf
+                ids_buf[n] = case_id
+                mat_buf[n] = np.frombuffer(blob, dtype="<f4")
+                n += 1
+            self._cache = (version, ids_buf[:n], mat_buf[:n])
+            log.info(
+                "index: %d embeddings (%d read) in %.0f ms", n, n - have, (time.perf_counter() - t0) * 1e3
+            )
+            return self._cache[1], self._cache[2]
+
+    def _grow(self, need: int, *, keep: int) -> None:
+        """Make the cache buffers hold ``need`` rows (with headroom), keeping the first ``keep``."""
+        if self._buf is not None and len(self._buf[0]) >= need:
+            return
+        # headroom so that the next adds fit without a copy (untouched pages cost no RAM on Linux)
+        cap = max(16, int(need * 1.25), int(len(self._buf[0]) * 1.5) if self._buf is not None else 0)
+        ids = np.empty(cap, dtype=np.int64)
+        mat = np.empty((cap, self.dim), dtype=np.float32)
+        if self._buf is not None and keep:
+            ids[:keep], mat[:keep] = self._buf[0][:keep], self._buf[1][:keep]
+        self._buf = (ids, mat)
+
+    def _filter_ids(self, where: dict[str, str]) -> set[int]:
+        ids: set[int] | None = None
+        with self._lock:
+            for k, v in where.items():
+                got = {
+                    r[0]
+                    for r in self.conn.execute(
+                        "SELECT case_id FROM case_meta WHERE key=? AND value=?", (k, v)
+                    )
+                }
+                ids = got if ids is None else ids & got
+        return ids or set()
+
+    def search(self, query: np.ndarray, *, k: int = 5, where: dict[str, str] | None = None) -> list[Entry]:
+        """Top-``k`` cases by cosine similarity to the normalized ``query`` ``[D]``.
+
+        Args:
+            where: metadata filters, all must match (``{"modality": "CT"}``).
+        Raises:
+            UsageError: k < 1, or a query of the wrong dimension.
+            InputError: the index is empty.
+        """
+        check_k(k)
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.dim:
+            raise UsageError(f"query has {q.shape[0]} dimensions, the index {self.dim}")
+        ids, mat = self._matrix()
+        if len(ids) == 0:
+            self._require_cases()
+        t0 = time.perf_counter()
+        scores = mat @ (q / (np.linalg.norm(q) or 1.0))  # [N]
+        if where:
+            keep = np.isin(ids, np.fromiter(self._filter_ids(where), dtype=np.int64))
+            scores = np.where(keep, scores, -np.inf)
+            k = min(k, int(keep.sum()))
+        k = min(k, len(ids))
+        if k == 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        log.info("index: searched %d vectors in %.1f ms", len(ids), (time.perf_counter() - t0) * 1e3)
+        return self._entries([(int(ids[i]), float(scores[i])) for i in top])
+
+    def _entries(self, hits: list[tuple[int, float]]) -> list[Entry]:
+        out = []
+        with self._lock:
+            for case_id, score in hits:
+                src, stored, digest, created = self.conn.execute(
+                    "SELECT source, stored, content_hash, created FROM cases WHERE id = ?", (case_id,)
+                ).fetchone()
+                meta = dict(
+                    self.conn.execute(
+                        "SELECT key, value FROM case_meta WHERE case_id = ? ORDER BY key", (case_id,)
+                    )
+                )
+                content = str(self.root / stored) if stored else src
+                out.append(Entry(case_id, score, content, meta, digest, created))
+        return out
+
+    def search_image(self, image, *, encoder, k: int = 5, where: dict[str, str] | None = None) -> list[Entry]:
+        """Cases most like ``image`` (path, bytes, PIL or LoadedImage)."""
+        check_k(k)
+        self._check_encoder(encoder)
+        return self.search(encoder.embed_images([image], batch_size=1)[0], k=k, where=where)
+
+    def search_text(
+        self, text: str, *, encoder, k: int = 5, where: dict[str, str] | None = None
+    ) -> list[Entry]:
+        """Cases whose images are most like ``text`` (through the text tower)."""
+        check_k(k)
+        if not text or not text.strip():
+            raise UsageError("give a non-empty --text query")
+        self._check_encoder(encoder)
+        return self.search(encoder.embed_texts([text])[0], k=k, where=where)
+
+    def _require_cases(self) -> None:
+        if self.count() == 0:
+            raise InputError(
+                f"index {self.root} is empty; add images first: medgemma-edge index --index {self.root} add FOLDER"
+            )
+
+    def _check_encoder(self, encoder) -> None:
+        self._require_cases()
+        if encoder.fingerprint != self.fingerprint:
+            raise InputError(
+                f"index {self.root} was built with encoder {self.fingerprint}, not {encoder.fingerprint}; "
+                "use the bundle it was built with"
+            )
+
+    def stats(self) -> dict:
+        """Non-identifying facts: count, encoder, created, metadata keys with their counts."""
+        with self._lock:
+            keys = dict(self.conn.execute("SELECT key, COUNT(*) FROM case_meta GROUP BY key ORDER BY key"))
+        return {"index": str(self.root), "cases": self.count(), **self.info, "metadata_keys": keys}
+
+
+def check_k(k) -> None:
+    """UsageError unless ``k`` is a whole number ≥ 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"k must be a whole number of at least 1 (got {k})")

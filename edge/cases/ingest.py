@@ -1,0 +1,218 @@
+"""Adding images to a similar-case index: find files, skip what is there, embed, write per batch.
+
+:func:`add_files` (what :meth:`edge.cases.CaseIndex.add` runs) reads each file once: its sha256
+decides whether it is already indexed (then it is not even decoded); otherwise it is decoded by
+:func:`edge.images.load_image` (PNG/JPEG/DICOM, the runtime's size limits) and preprocessed. A
+file that is not a readable image is reported and skipped. Every ``batch_size`` images the batch
+is embedded, copied into the index if asked (temp file + fsync + rename), then written in one
+transaction (:meth:`edge.cases.CaseIndex.insert_batch`). A crash or kill loses at most the batch
+in flight; running the same add again skips what was committed and adds the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.cases.index import FILES_DIR, CaseIndex
+from edge.errors import Cancelled, EdgeError, InputError, TooLargeError, UsageError
+from edge.media.images import MAX_FILE_BYTES, load_image
+
+log = logging.getLogger(__name__)
+
+BATCH = 16  # images per transaction
+# Test hook: hold (sleep) inside the write transaction when this process inserts row N, after
+# writing its pid to the file named by _HOLD_FILE, so a test can SIGKILL it mid-transaction.
+_HOLD_AT = "MEDGEMMA_EDGE_TEST_HOLD_AT_ROW"
+_HOLD_FILE = "MEDGEMMA_EDGE_TEST_HOLD_FILE"
+
+
+@dataclass
+class AddReport:
+    """What one :func:`add_files` did."""
+
+    files: int = 0  # files found
+    added: int = 0
+    duplicates: int = 0  # already in the index (or twice in this run)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    total: int = 0  # cases in the index afterwards
+
+    @property
+    def images_per_s(self) -> float:
+        return self.added / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            **{k: v for k, v in vars(self).items() if k != "failed"},
+            "failed": [{"path": p, "error": e} for p, e in self.failed],
+            "images_per_s": self.images_per_s,
+        }
+
+
+def iter_files(sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Files given, and every file under the folders given (recursive, sorted; hidden ones skipped)."""
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            for dirpath, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        yield Path(dirpath) / name
+        elif p.is_file():
+            yield p
+        else:
+            raise InputError(f"{p} does not exist (give image files or folders)")
+
+
+def add_files(
+    index: CaseIndex,
+    sources: Iterable[str | os.PathLike],
+    *,
+    encoder,
+    meta: dict[str, str] | None = None,
+    copy: bool = False,
+    batch_size: int = BATCH,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AddReport:
+    """Index image files and folders (recursive); one transaction per batch.
+
+    Args:
+        index: the open index.
+        encoder: the :class:`edge.siglip.MedSigLIP` the index is bound to.
+        meta: key/value metadata stored with every case added here (beside the automatic
+            ``format`` and, for DICOM, ``modality``).
+        copy: keep a copy of each image in the index (else only its source path).
+        batch_size: images per transaction.
+        cancel: set it to stop before the next file (:class:`Cancelled`; committed batches stay).
+        progress: ``progress(files done, files total)``.
+    Raises:
+        InputError: a path given does not exist, or the encoder is not the index's.
+        Cancelled: ``cancel`` was set.
+    """
+    if encoder.fingerprint != index.fingerprint:
+        raise InputError(
+            f"index {index.root} is bound to encoder {index.fingerprint}, not {encoder.fingerprint}"
+        )
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1 (got {batch_size})")
+    meta = dict(meta or {})
+    t0 = time.perf_counter()
+    files = list(iter_files(sources))
+    rep = AddReport(files=len(files))
+    seen: set[str] = set()
+    pending: list[dict] = []
+    for i, path in enumerate(files):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled after {rep.added} images; re-run the same add to resume")
+        row = _prepare(index, path, encoder, seen, rep)
+        if row is not None:
+            pending.append(row)
+        if len(pending) >= batch_size:
+            _write_batch(index, pending, encoder, meta, copy, rep)
+            pending = []
+        if progress:
+            progress(i + 1, len(files))
+    if pending:
+        _write_batch(index, pending, encoder, meta, copy, rep)
+    rep.seconds = time.perf_counter() - t0
+    rep.total = index.count()
+    log.info(
+        "index add: %d files, %d added, %d duplicates, %d failed in %.1fs (embed %.1fs)",
+        *(rep.files, rep.added, rep.duplicates, len(rep.failed), rep.seconds, rep.embed_seconds),
+    )
+    return rep
+
+
+def _prepare(index: CaseIndex, path: Path, encoder, seen: set[str], rep: AddReport) -> dict | None:
+    """Read, hash, skip duplicates, decode and preprocess one file; None when skipped."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise TooLargeError(
+                f"{size / 2**20:.0f} MiB is over the {MAX_FILE_BYTES / 2**20:.0f} MiB image limit"
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        rep.failed.append((str(path), f"can't read it ({exc.strerror})"))
+        return None
+    except TooLargeError as exc:
+        rep.failed.append((str(path), str(exc)))
+        return None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in seen or index.has(digest):
+        rep.duplicates += 1
+        return None
+    try:
+        loaded = load_image(data)
+        pixels = encoder.pixels(loaded)  # [3, H, W]: the decoded picture is not kept
+    except Cancelled:
+        raise
+    except EdgeError as exc:  # not an image, corrupt, too large, DICOM without a decoder
+        msg = str(exc)  # load_image calls bytes "image": name the file instead
+        rep.failed.append((str(path), path.name + msg[5:] if msg.startswith("image") else msg))
+        return None
+    seen.add(digest)
+    facts = {"format": loaded.format}
+    if loaded.info.get("modality"):
+        facts["modality"] = loaded.info["modality"]
+    return {
+        "hash": digest,
+        "source": str(path.resolve()),
+        "suffix": path.suffix.lower()[:8] if path.suffix else "",
+        "format": loaded.format,
+        "size": loaded.source_size,
+        "pixels": pixels,
+        "facts": facts,
+    }
+
+
+def _copy_in(root: Path, src: str, digest: str, suffix: str) -> str:
+    """Copy a file into files/ through a temp name + fsync + rename; returns its relative path."""
+    rel = f"{FILES_DIR}/{digest[:2]}/{digest}{suffix}"
+    dst = root / rel
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    return rel
+
+
+def _write_batch(index: CaseIndex, rows: list[dict], encoder, meta: dict, copy: bool, rep: AddReport) -> None:
+    t0 = time.perf_counter()
+    emb = encoder.embed_pixels(np.stack([r.pop("pixels") for r in rows]))  # [n, D]
+    rep.embed_seconds += time.perf_counter() - t0
+    for r in rows:  # copies first: a committed row always finds its copy
+        r["stored"] = _copy_in(index.root, r["source"], r["hash"], r["suffix"]) if copy else None
+    hold_at = int(os.environ.get(_HOLD_AT, "0") or 0)
+
+    def on_row() -> None:
+        rep.added += 1
+        if hold_at and rep.added == hold_at:
+            _hold()
+
+    inserted = index.insert_batch(rows, emb, meta=meta, on_row=on_row)
+    rep.duplicates += len(rows) - inserted  # another process indexed the same bytes meanwhile
+
+
+def _hold() -> None:
+    """The crash test's hook: signal, then wait inside the open transaction to be killed."""
+    marker = os.environ.get(_HOLD_FILE)
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    time.sleep(120)

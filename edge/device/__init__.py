@@ -1,0 +1,1 @@
+"""The device: memory estimate, device profiles, accelerators (GPU offload, CPU variants)."""

@@ -1,0 +1,135 @@
+"""Device profiles: pick the runtime's settings for this machine (or a named class of device).
+
+The profiles live in ``models/profiles.toml`` (device knobs) and a bundle's manifest (the
+model's own choices per profile, copied from its registry entry at export). :func:`detect`
+names the profile that fits this machine; :func:`medgemma_options` turns a profile into
+:class:`edge.llm.MedGemma` keyword arguments for a given bundle, choosing the first quantization
+the bundle actually has. Explicit options (CLI flags) always win over the profile.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import tomllib
+from functools import cache
+from pathlib import Path
+
+from edge.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@cache
+def all_profiles() -> dict[str, dict]:
+    from edge.bundle import registry
+
+    return tomllib.loads(registry.read_text("profiles.toml"))
+
+
+def total_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _is_jetson() -> bool:
+    if Path("/etc/nv_tegra_release").exists():
+        return True
+    try:
+        return "jetson" in Path("/proc/device-tree/model").read_text(errors="ignore").lower()
+    except OSError:
+        return False
+
+
+def _is_android() -> bool:
+    return "ANDROID_ROOT" in os.environ or Path("/system/build.prop").exists()
+
+
+def detect(memory: int | None = None, *, jetson: bool | None = None, android: bool | None = None) -> str:
+    """The profile for this machine: Jetson → jetson-orin-nano-8GB; Android → phone-8GB at 7 GiB
+    of RAM or more, else phone-4GB; other machines → laptop-16GB at 15 GiB or more, laptop-8GB at
+    6 GiB or more, else phone-4GB (a small board is sized like a small phone)."""
+    gib = (memory if memory is not None else total_memory()) / 2**30
+    if jetson if jetson is not None else _is_jetson():
+        return "jetson-orin-nano-8GB"
+    if android if android is not None else _is_android():
+        return "phone-8GB" if gib >= 7 else "phone-4GB"
+    if gib >= 15:
+        return "laptop-16GB"
+    return "laptop-8GB" if gib >= 6 else "phone-4GB"
+
+
+def get(name: str | None) -> tuple[str, dict]:
+    """(name, profile) for ``name``; ``None`` or ``auto`` detects. UsageError lists the names."""
+    profiles = all_profiles()
+    chosen = detect() if name in (None, AUTO) else name
+    if chosen not in profiles:
+        raise UsageError(f"unknown device profile {name!r}; known: {', '.join(profiles)} (or auto)")
+    return chosen, dict(profiles[chosen])
+
+
+def medgemma_options(bundle, name: str | None = None, **explicit) -> tuple[str, dict]:
+    """MedGemma keyword arguments for ``bundle`` under profile ``name`` (auto-detected when
+    None), with ``explicit`` (non-None values) overriding. Returns (profile name, kwargs)."""
+    chosen, prof = get(name)
+    model_says = dict((bundle.component("medgemma").get("profiles") or {}).get(chosen, {}))
+    if "text" in model_says:  # bundles exported before the profiles file named it so
+        model_says["quant"] = model_says.pop("text")
+    prof.update(model_says)
+    quants = prof.get("quant") or []
+    quants = [quants] if isinstance(quants, str) else list(quants)
+    have = [f.get("quant") for f in bundle.files("medgemma") if f["role"] == "text"]
+    quant = next((q for q in quants if q in have), None)
+    if quant is None and have:
+        quant = have[0]
+        log.info("profile %s: the bundle has none of %s; using %s", chosen, "/".join(quants), quant)
+    opts = {
+        "quant": quant,
+        "n_ctx": int(prof.get("n_ctx", 4096)),
+        "kv_type": prof.get("kv_type", "f16"),
+        "flash_attn": bool(prof.get("flash_attn", True)),
+        "repack": bool(prof.get("repack", True)),
+        "swa_full": bool(prof.get("swa_full", True)),
+        "n_threads": int(prof.get("threads", 0)) or None,
+        "gpu_layers": int(prof.get("gpu_layers", 0)),
+        "image_gpu": bool(prof.get("image_gpu", False)),
+        "image_encoder": _encoder(bundle, prof),
+        "mmproj_type": prof.get("mmproj"),
+        "keep_encoder": bool(prof.get("keep_encoder", True)),
+    }
+    opts.update({k: v for k, v in explicit.items() if v is not None})
+    return chosen, opts
+
+
+def medsiglip_options(bundle, name: str | None = None) -> dict:
+    """MedSigLIP keyword arguments under profile ``name``: its precision when the bundle has it
+    (the model's own choice in the manifest first, then the device profile's), else the bundle's
+    default."""
+    from edge.errors import EdgeError
+
+    chosen, prof = get(name)
+    try:
+        comp = bundle.component("medsiglip")
+    except EdgeError:
+        return {}
+    want = (comp.get("profiles") or {}).get(chosen, {}).get("precision") or prof.get("medsiglip_precision")
+    return {"precision": want} if want in comp.get("precisions", []) else {}
+
+
+def _encoder(bundle, prof: dict) -> str:
+    """The profile's image encoder if the bundle has it, else whichever it has."""
+    roles = {f["role"] for f in bundle.files("medgemma")}
+    want = prof.get("image_encoder", "onnx")
+    if want == "onnx" and "vision-onnx" in roles and importlib.util.find_spec("onnxruntime"):
+        return "onnx"
+    if "mmproj" in roles:
+        return "mmproj"
+    return "auto"

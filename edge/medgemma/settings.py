@@ -1,0 +1,63 @@
+"""MedGemma's settings: every knob of loading and running the model, declared once.
+
+A device profile produces a :class:`MedGemmaSettings` (:func:`edge.device.profiles.medgemma_settings`),
+the CLI generates its flags from the fields, the bridge's ``load`` op validates its options
+against them, and ``MedGemma(bundle, settings)`` takes them. See :mod:`edge.settings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge.settings import check, setting
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
+IMAGE_ENCODERS = ("auto", "onnx", "mmproj")
+
+
+@dataclass(frozen=True)
+class MedGemmaSettings:
+    """How to load and run MedGemma on this device (defaults suit a laptop CPU)."""
+
+    quant: str | None = setting(None, "which text model of the bundle (e.g. Q4_K_M); default: the profile's")
+    n_ctx: int = setting(
+        4096,
+        "context length in tokens (a longer prompt is refused)",
+        flag="--ctx",
+        minimum=256,
+        maximum=131072,
+    )
+    n_threads: int | None = setting(
+        None, "CPU threads (default: all cores)", flag="--threads", minimum=1, maximum=1024
+    )
+    kv_type: str = setting("f16", "KV cache type", choices=tuple(KV_TYPES))
+    flash_attn: bool = setting(True, "flash attention (1.7x faster image encoding on a 2-core CPU)")
+    use_mmap: bool = setting(True, "map the weights instead of reading them into RAM", flag="--no-mmap")
+    repack: bool = setting(True, "a repacked copy of Q4 weights for faster x86 kernels (~1.5 GB more for 4B)")
+    swa_full: bool = setting(
+        True, "a full-size sliding-window cache, so any earlier turn can be reused (more memory)"
+    )
+    gpu_layers: int = setting(0, "layers to offload to a GPU (-1 all; needs a GPU build)", minimum=-1)
+    image_encoder: str = setting(
+        "auto",
+        "onnx: the bundle's ONNX image encoder (faster, no mmproj in memory); mmproj: llama.cpp's "
+        "projector; auto: onnx when the bundle has it",
+        choices=IMAGE_ENCODERS,
+    )
+    image_gpu: bool = setting(False, "run the ONNX image encoder with CUDA when onnxruntime can", cli=False)
+    mmproj_type: str | None = setting(None, "which mmproj (f16, q8_0) when the bundle has several", cli=False)
+    keep_encoder: bool = setting(
+        True, "keep the ONNX image encoder open between images (off: its memory is given back)", cli=False
+    )
+    vision: bool = setting(True, "load an image encoder when the bundle has one", cli=False)
+    check_memory: bool = setting(
+        True, "refuse to load when the memory estimate exceeds free memory", cli=False, remote=False
+    )
+    seed: int = setting(0, "llama.cpp's context seed (sampling seeds are per request)", cli=False, minimum=0)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @property
+    def ggml_kv_type(self) -> int:
+        return KV_TYPES[self.kv_type]

@@ -1,0 +1,1 @@
+"""MedSigLIP on the device (onnxruntime): towers, preprocessing, zero-shot classification."""

@@ -1,0 +1,117 @@
+"""MedSigLIP on the device through onnxruntime (minimal: sessions, embeddings, zero-shot).
+
+Everything here reads the bundle only: the ONNX towers, ``preprocess.json``, the SentencePiece
+model and the precomputed label embeddings. No torch, no transformers, no onnx package.
+Each tower file is verified (size, hash or a valid stamp, ONNX header, external data) before
+onnxruntime maps it, so a tampered, truncated or missing file fails with its name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.bundle.manifest import Bundle, open_bundle
+from edge.device import accel
+from edge.errors import InputError
+from edge.medsiglip.preprocess import ImageSpec, SiglipTokenizer, TextSpec, images_to_batch
+
+COMPONENT = "medsiglip"
+TOWERS = {"vision": "pixel_values", "text": "input_ids"}
+
+
+def _bundle(bundle: Bundle | str | os.PathLike) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+
+
+def load_session(
+    bundle: Bundle | str | os.PathLike,
+    tower: str,
+    precision: str | None = None,
+    *,
+    threads: int | None = None,
+):
+    """Verify one tower's files (the .onnx and its external data) and open an ORT session.
+
+    Args:
+        bundle: a bundle or its directory.
+        tower: "vision" or "text".
+        precision: "int8", "fp16" or "fp32"; None picks the component's default.
+        threads: onnxruntime intra-op threads (None: onnxruntime's default).
+
+    Raises:
+        InputError: no such tower/precision in the bundle.
+        IntegrityError: a file is missing, truncated or altered (the message names it).
+    """
+
+    if tower not in TOWERS:
+        raise InputError(f"unknown MedSigLIP tower {tower!r}; choose vision or text")
+    b = _bundle(bundle)
+    comp = b.component(COMPONENT)
+    precision = precision or comp.get("default_precision", "int8")
+    entry = b.file(COMPONENT, tower, precision=precision)
+    paths = {entry["path"]} | {f["path"] for f in comp["files"] if f.get("data_of") == entry["path"]}
+    b.verify(component=COMPONENT, paths=paths).raise_for_failure()
+    return accel.ort_session(b.path(entry), threads=threads)
+
+
+def load_preprocessing(bundle: Bundle | str | os.PathLike) -> tuple[ImageSpec, SiglipTokenizer]:
+    """The image spec and tokenizer the bundle's towers expect (verified first)."""
+    b = _bundle(bundle)
+    b.verify(component=COMPONENT, roles={"preprocess", "tokenizer"}).raise_for_failure()
+    spec = json.loads(b.path(b.file(COMPONENT, "preprocess")).read_text(encoding="utf-8"))
+    tok = SiglipTokenizer(b.path(b.file(COMPONENT, "tokenizer")), TextSpec.from_json(spec["text"]))
+    return ImageSpec.from_json(spec["image"]), tok
+
+
+def load_label_embeddings(bundle: Bundle | str | os.PathLike) -> dict[str, np.ndarray]:
+    """The precomputed, L2-normalized label embeddings: set name -> ``[labels, D]``."""
+    b = _bundle(bundle)
+    b.verify(component=COMPONENT, roles={"label-embeddings"}).raise_for_failure()
+    data = b.path(b.file(COMPONENT, "label-embeddings")).read_bytes()
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclass
+class ZeroShot:
+    """Scores of one image against a label set (not probabilities of disease)."""
+
+    label_set: str
+    labels: list[str]
+    scores: list[float]  # sigmoid(logits)
+    logits: list[float]
+
+    @property
+    def top(self) -> tuple[str, float]:
+        i = int(np.argmax(self.scores))
+        return self.labels[i], self.scores[i]
+
+
+def zero_shot(
+    bundle: Bundle | str | os.PathLike,
+    image,
+    *,
+    label_set: str = "cxr",
+    precision: str | None = None,
+    threads: int | None = None,
+) -> ZeroShot:
+    """Score a PIL image against a default label set with the vision tower alone."""
+    b = _bundle(bundle)
+    comp = b.component(COMPONENT)
+    sets = comp.get("label_sets", {})
+    if label_set not in sets:
+        raise InputError(f"unknown label set {label_set!r}; this bundle has: {', '.join(sets) or 'none'}")
+    spec, _tok = load_preprocessing(b)
+    sess = load_session(b, "vision", precision, threads=threads)
+    emb = sess.run(["image_embeds_normalized"], {TOWERS["vision"]: images_to_batch([image], spec)})[0]
+    labels = load_label_embeddings(b)[label_set]
+    logits = np.exp(comp["logit_scale"]) * emb @ labels.T + comp["logit_bias"]
+    scores = 1.0 / (1.0 + np.exp(-logits[0]))
+    return ZeroShot(
+        label_set, list(sets[label_set]["labels"]), [float(s) for s in scores], [float(x) for x in logits[0]]
+    )

@@ -1,0 +1,3 @@
+from medgemma_edge.cli import main
+
+raise SystemExit(main())

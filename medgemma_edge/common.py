@@ -1,0 +1,30 @@
+"""What every verb shares: the bundle to use, and the one JSON object ``--json`` prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from edge.errors import UsageError
+
+
+def default_bundle() -> str | None:
+    return os.environ.get("MEDGEMMA_EDGE_BUNDLE")
+
+
+def resolve_bundle(path: str | os.PathLike | None) -> Path:
+    """The bundle to use: the argument, else $MEDGEMMA_EDGE_BUNDLE."""
+    chosen = path or default_bundle()
+    if not chosen:
+        raise UsageError(
+            "no bundle given: pass -b BUNDLE or set MEDGEMMA_EDGE_BUNDLE (make demo builds models/bundles/demo)"
+        )
+    return Path(chosen)
+
+
+def emit_json(obj: dict) -> None:
+    """The one JSON object a ``--json`` command prints on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()

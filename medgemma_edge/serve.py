@@ -1,0 +1,135 @@
+"""``medgemma-edge serve``: the bridge over loopback HTTP (default), stdio or a Unix socket.
+
+Prints the URL and the web page's address, writes the endpoint file (host, port, pid, token;
+mode 0600) and with ``--open`` opens the page in a browser. The server stack (starlette,
+uvicorn: the ``serve`` extra) is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edge.errors import UsageError, require
+from medgemma_edge.ask import add_model_options, model_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the runtime to apps: loopback HTTP (/v1/rpc, OpenAI routes), stdio, Unix socket"
+    )
+    add_model_options(p)
+    p.add_argument("--medsiglip-bundle", type=Path, help="MedSigLIP from another bundle (default: -b)")
+    p.add_argument("--index", type=Path, help="the similar-case index directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this device only)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")
+    p.add_argument("--endpoint-file", type=Path, help="where to write url/port/pid/token (0600)")
+    p.add_argument("--max-body", default="64M", help="largest request body (default 64M)")
+    p.add_argument("--no-paths", action="store_true", help="refuse image file paths in requests")
+    p.add_argument("--open", action="store_true", help="open the web page in a browser")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--stdio", action="store_true", help="speak JSON lines on stdin/stdout instead of HTTP")
+    mode.add_argument("--unix-socket", type=Path, help="speak JSON lines on this Unix socket instead of HTTP")
+    p.set_defaults(func=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from android_bridge.settings import ServeSettings, default_endpoint_file
+    from edge.bundle.manifest import open_bundle
+    from edge.device import profiles
+    from edge.device.resources import parse_bytes
+    from medgemma_edge.common import resolve_bundle
+
+    model_options = model_kwargs(args)
+    siglip_bundle = open_bundle(args.medsiglip_bundle or resolve_bundle(args.bundle))
+    medsiglip_options = profiles.medsiglip_options(siglip_bundle, args.profile)
+    return ServeSettings(
+        bundle=resolve_bundle(args.bundle),
+        medsiglip_bundle=args.medsiglip_bundle,
+        index=args.index,
+        host=args.host,
+        port=args.port,
+        max_body_bytes=parse_bytes(args.max_body),
+        endpoint_file=args.endpoint_file or default_endpoint_file(),
+        unix_socket=args.unix_socket,
+        model_options=model_options,
+        medsiglip_options=medsiglip_options,
+        allow_paths=not args.no_paths,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not settings.loopback:
+        log.warning("serve: binding %s exposes the runtime beyond this device", settings.host)
+    if args.stdio or args.unix_socket:
+        return _serve_lines(settings, args)
+    require("uvicorn", "serve")
+    require("starlette", "serve")
+    from android_bridge.http.server import RunningServer
+
+    # uvicorn re-raises the signal it caught once it has stopped; a handler of ours makes that
+    # a no-op, so the cleanup below runs and the exit status is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server = RunningServer(settings, log_level="info" if args.verbose else "warning")
+    path = server.write_endpoint(settings.endpoint_file)
+    print(f"medgemma-edge serve: {server.url} (token and pid in {path})", flush=True)
+    print(f"medgemma-edge serve: web page: {_page_line(server, path)}", flush=True)
+    if args.open:
+        _open_page(server.page_url)
+    try:
+        server.run()
+    finally:
+        server.bridge.shutdown(grace_s=settings.grace_s)
+    print("medgemma-edge serve: stopped", flush=True)
+    return 0
+
+
+def _page_line(server, endpoint_file: Path) -> str:
+    """The page's address for a person at a terminal, token included. When stdout is not a
+    terminal (a service manager, a pipe into a log file) the token is left out: the endpoint
+    file, readable by this user only, has the full address under "page"."""
+    if sys.stdout.isatty():
+        return server.page_url
+    return f'{server.url}/ (the address with its access token is "page" in {endpoint_file})'
+
+
+def _open_page(url: str) -> None:
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(url)
+    except webbrowser.Error:
+        opened = False
+    if not opened:
+        print("medgemma-edge serve: no web browser found; open the web page address yourself", flush=True)
+
+
+def _serve_lines(settings, args: argparse.Namespace) -> int:
+    from android_bridge.bridge import bridge_for
+    from android_bridge.transports import UnixSocketServer, serve_stdio
+
+    if args.unix_socket and not hasattr(__import__("socket"), "AF_UNIX"):
+        raise UsageError("Unix sockets are not available on this system; use HTTP or --stdio")
+    bridge = bridge_for(settings)
+    try:
+        if args.stdio:
+            serve_stdio(bridge)
+        else:
+            server = UnixSocketServer(settings.unix_socket, bridge)
+            print(f"medgemma-edge serve: unix socket {settings.unix_socket}", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+            try:
+                server.serve_forever()
+            finally:
+                server.server_close()
+    finally:
+        bridge.shutdown(grace_s=settings.grace_s)
+    return 0
