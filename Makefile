@@ -30,8 +30,8 @@ bench-export: $(DEPS_STAMP)
 	$(BIN)/python benchmarks/run_all.py --exports
 
 lint: $(DEPS_STAMP)
-	$(BIN)/ruff check edge export android_bridge tests benchmarks
-	$(BIN)/ruff format --check edge export android_bridge tests benchmarks
+	$(BIN)/ruff check edge export android_bridge medgemma_edge models tests benchmarks
+	$(BIN)/ruff format --check edge export android_bridge medgemma_edge models tests benchmarks
 
 deps: $(DEPS_STAMP)
 

@@ -41,18 +41,13 @@ from android_bridge.protocol import (
     request_id,
     result,
 )
-from android_bridge.runtime import RETRY_AFTER_S, Runtime
-from android_bridge.siglip import classification
+from android_bridge.runtime import RETRY_AFTER_S, Runtime, classification
 from edge import __version__
 from edge.errors import Busy, EdgeError
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict], None]
 MAX_K = 100
-_LOAD_OPTIONS = {
-    "medgemma": {"quant", "n_ctx", "n_threads", "kv_type", "flash_attn"},
-    "medsiglip": {"precision", "threads"},
-}
 
 
 @dataclass
@@ -251,9 +246,7 @@ class Bridge:
     def _op_load(self, ctx: Context) -> Outcome:
         name = self._model_param(ctx)
         options = ctx.req.params.get("options") or {}
-        unknown = set(options) - _LOAD_OPTIONS[name] if isinstance(options, dict) else {"(not an object)"}
-        if unknown:
-            raise ProtocolError("invalid_request", f"unknown load options for {name}: {sorted(unknown)}")
+        self.runtime.settings_for(name, options)  # a bad option fails here, before "loading"
         slot = self.runtime.slots[name]
         if slot.model is None:
             ctx.event("state", model=name, state="loading")
@@ -475,8 +468,9 @@ def bridge_for(settings) -> Bridge:
         settings.bundle,
         medsiglip_bundle=settings.medsiglip_bundle,
         index_dir=settings.index,
-        model_options=settings.model_options,
-        medsiglip_options=settings.medsiglip_options,
+        medgemma_settings=settings.medgemma,
+        medsiglip_settings=settings.medsiglip,
+        image_cache=settings.image_cache,
     )
     bridge = Bridge(runtime, allow_paths=settings.allow_paths)
     bridge.preload([n for n in settings.preload if runtime.available(n)])

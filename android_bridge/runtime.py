@@ -17,6 +17,7 @@ not depend on how they are built:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
@@ -25,11 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from android_bridge.protocol import ProtocolError
-from android_bridge.siglip import describe_encoder, open_encoder, open_index
 from edge.bundle.manifest import Bundle, open_bundle
+from edge.errors import UsageError
+from edge.medgemma.settings import MedGemmaSettings
+from edge.medsiglip.settings import MedSigLIPSettings
+from edge.settings import from_mapping
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
+Opener = Callable[[str, Bundle, Any, "Progress | None"], Any]
 RETRY_AFTER_S = 1.0  # what a client is told to wait while a model loads
 
 
@@ -65,8 +70,11 @@ class Runtime:
         medsiglip_bundle: a separate bundle for MedSigLIP (default: ``bundle``).
         index_dir: the similar-case index directory, if any.
         medgemma / encoder / index: already-open objects to serve instead of loading them.
-        model_options: keyword arguments for :class:`edge.llm.MedGemma` (n_ctx, quant, ...).
-        medsiglip_options: keyword arguments for MedSigLIP (precision, threads).
+        medgemma_settings / medsiglip_settings: what to load with; a ``load`` op's options are
+            checked against the same dataclasses (:meth:`settings_for`) and applied over these.
+        image_cache: MedGemma's :class:`~edge.media.image_cache.ImageCache` (default: its own).
+        opener: ``opener(name, bundle, settings, progress) -> model`` (default :meth:`open_model`);
+            an embedding app or a test wraps it to watch or hold a load.
     """
 
     def __init__(
@@ -78,15 +86,21 @@ class Runtime:
         medgemma: Any = None,
         encoder: Any = None,
         index: Any = None,
-        model_options: dict | None = None,
-        medsiglip_options: dict | None = None,
+        medgemma_settings: MedGemmaSettings | None = None,
+        medsiglip_settings: MedSigLIPSettings | None = None,
+        image_cache: Any = None,
+        opener: Opener | None = None,
     ):
         self.bundle_path = Path(bundle) if bundle else None
         self.medsiglip_path = Path(medsiglip_bundle) if medsiglip_bundle else self.bundle_path
         self.index_dir = Path(index_dir) if index_dir else None
         self.index = index
-        self.model_options = dict(model_options or {})
-        self.medsiglip_options = dict(medsiglip_options or {})
+        self.settings: dict[str, Any] = {
+            "medgemma": medgemma_settings or MedGemmaSettings(),
+            "medsiglip": medsiglip_settings or MedSigLIPSettings(),
+        }
+        self.image_cache = image_cache
+        self.opener: Opener = opener or self.open_model
         self.slots = {"medgemma": Slot("medgemma", medgemma), "medsiglip": Slot("medsiglip", encoder)}
 
     # -- what is available -------------------------------------------------------------------
@@ -110,13 +124,30 @@ class Runtime:
 
     # -- load / unload ---------------------------------------------------------------------------
 
+    def settings_for(self, name: str, options: dict | None = None):
+        """``name``'s settings with a client's ``options`` applied: only the fields a client may set,
+        each checked against its declaration.
+
+        Raises:
+            ProtocolError(invalid_request): an unknown option, a wrong type, a value out of range.
+        """
+        cls = type(self.settings[name])
+        try:
+            return from_mapping(
+                cls, options or {}, base=self.settings[name], remote=True, where=f"load option for {name}: "
+            )
+        except UsageError as exc:
+            raise ProtocolError("invalid_request", str(exc)) from None
+
     def load(self, name: str, *, options: dict | None = None, progress: Progress | None = None) -> dict:
         """Load ``name`` from the bundle (no-op when ready). Returns its ``describe()``.
 
         Raises:
             ProtocolError(loading): another request is loading it now.
+            ProtocolError(invalid_request): ``options`` that :meth:`settings_for` refuses.
             EdgeError: the bundle lacks it, a file fails verification, not enough memory.
         """
+        settings = self.settings_for(name, options)
         slot = self.slots[name]
         if not slot.lock.acquire(blocking=False):
             raise ProtocolError("loading", f"{name} is loading", retry_after=RETRY_AFTER_S)
@@ -126,7 +157,7 @@ class Runtime:
             slot.state, slot.error = "loading", None
             t0 = time.perf_counter()
             try:
-                slot.model = self._open(name, options or {}, progress)
+                slot.model = self._open(name, settings, progress)
             except BaseException as exc:
                 slot.state, slot.error = "error", str(exc) or type(exc).__name__
                 raise
@@ -136,11 +167,16 @@ class Runtime:
         finally:
             slot.lock.release()
 
-    def _open(self, name: str, options: dict, progress: Progress | None) -> Any:
+    def _open(self, name: str, settings: Any, progress: Progress | None) -> Any:
         bundle = self._bundle(name)
         if bundle is None:
             raise ProtocolError("invalid_request", "no bundle configured: start the runtime with -b BUNDLE")
         bundle.component(name)  # InputError naming the bundle when absent
+        return self.opener(name, bundle, settings, progress)
+
+    def open_model(self, name: str, bundle: Bundle, settings: Any, progress: Progress | None = None) -> Any:
+        """Verify ``name``'s files in ``bundle`` (reporting ``progress("load", done, total)``) and
+        open it with ``settings``."""
 
         def verify_progress(done: int, total: int) -> None:
             if progress:
@@ -153,9 +189,9 @@ class Runtime:
         if name == "medgemma":
             from edge.medgemma.model import MedGemma
 
-            model = MedGemma(bundle, **{**self.model_options, **options})
+            model = MedGemma(bundle, settings, image_cache=self.image_cache)
         else:
-            model = open_encoder(bundle, **{**self.medsiglip_options, **options})
+            model = open_encoder(bundle, settings)
         if progress:
             progress("load", total, total)
         return model
@@ -208,3 +244,67 @@ class Runtime:
                 model, slot.model, slot.state = slot.model, None, "uninitialized"
                 if model is not None and slot.owned and hasattr(model, "close"):
                     model.close()
+
+
+# -- MedSigLIP and the similar-case index, as the bridge reaches them ----------------------------
+# When a build lacks one of those modules, opening fails with a ``not_loaded`` error naming it.
+
+
+def _module(name: str, what: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ProtocolError("not_loaded", f"{what} is not available in this build ({name}: {exc})") from None
+
+
+def open_encoder(bundle: Bundle, settings: MedSigLIPSettings | None = None) -> Any:
+    """The bundle's MedSigLIP (vision and text towers).
+
+    Raises:
+        ProtocolError(not_loaded): edge.siglip is not in this build.
+        InputError / IntegrityError: no medsiglip component, no such precision, a damaged file.
+    """
+    siglip = _module("edge.medsiglip.model", "MedSigLIP")
+    return siglip.MedSigLIP(bundle, settings)
+
+
+def describe_encoder(enc: Any) -> dict:
+    """Non-identifying facts about a loaded encoder, for ``health`` and ``load``."""
+    info = getattr(enc, "info", None)
+    if isinstance(info, dict):
+        return info
+    comp = enc.bundle.component("medsiglip") if hasattr(enc, "bundle") else {}
+    return {
+        "bundle": str(getattr(getattr(enc, "bundle", None), "root", "")),
+        "precision": getattr(enc, "precision", None),
+        "dim": getattr(enc, "dim", None),
+        "fingerprint": getattr(enc, "fingerprint", None),
+        "label_sets": sorted(getattr(enc, "label_sets", {}) or {}),
+        "synthetic": bool(comp.get("source", {}).get("synthetic")),
+    }
+
+
+def open_index(directory: Path, encoder: Any = None) -> Any:
+    """The similar-case index in ``directory`` (checked against ``encoder``'s fingerprint).
+
+    Raises:
+        ProtocolError(not_loaded): edge.cases is not in this build.
+        InputError: no index there, or one built with another encoder.
+    """
+    cases = _module("edge.cases.index", "the similar-case index")
+    return cases.CaseIndex.open(directory, encoder=encoder)
+
+
+def classification(out: Any) -> dict:
+    """edge.medsiglip.model's Classification (ranked) → the ``classify`` result."""
+    if isinstance(out, dict):
+        return out
+    ranked = list(out.ranked)
+    return {
+        "label_set": out.label_set,
+        "labels": [r.label for r in ranked],
+        "scores": [float(r.score) for r in ranked],
+        "logits": [float(r.logit) for r in ranked],
+        "precision": out.precision,
+        "note": out.note,
+    }

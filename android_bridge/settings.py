@@ -6,6 +6,10 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from edge.medgemma.settings import MedGemmaSettings
+from edge.medsiglip.settings import MedSigLIPSettings
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -34,8 +38,9 @@ class ServeSettings:
     endpoint_file: Path | None = None
     unix_socket: Path | None = None
     preload: tuple[str, ...] = ("medgemma", "medsiglip")  # loaded in the background at start
-    model_options: dict = field(default_factory=dict)  # edge.llm.MedGemma keyword arguments
-    medsiglip_options: dict = field(default_factory=dict)  # edge.siglip.MedSigLIP keyword arguments
+    medgemma: MedGemmaSettings | None = None  # None: the defaults
+    medsiglip: MedSigLIPSettings | None = None
+    image_cache: Any = None  # MedGemma's edge.media.image_cache.ImageCache (None: its own)
     allow_paths: bool = True  # let requests name image files on this device
     grace_s: float = 10.0  # how long shutdown waits for cancelled work to end
 

@@ -37,6 +37,7 @@ def setting(
     maximum: float | None = None,
     cli: bool = True,
     remote: bool = True,
+    profile: str | None = None,
 ) -> Any:
     """A settings field.
 
@@ -48,6 +49,7 @@ def setting(
         choices / minimum / maximum: what a value may be (checked by :func:`check`).
         cli: whether the command line offers it.
         remote: whether a client may set it through the bridge's ``load`` op.
+        profile: its key in a device profile (``models/profiles.toml``), when not the field's name.
     """
     meta = {
         "help": help,
@@ -57,6 +59,7 @@ def setting(
         "maximum": maximum,
         "cli": cli,
         "remote": remote,
+        "profile": profile,
     }
     return dataclasses.field(default=default, metadata=meta)
 
@@ -124,7 +127,7 @@ def from_mapping(
         UsageError: an unknown name, a wrong type, a value out of range (naming the field).
     """
     if not isinstance(data, Mapping):
-        raise UsageError(f"{where or 'settings'} must be an object of name: value")
+        raise UsageError(f"{where.rstrip(': ') or 'settings'} must be an object of name: value")
     known = {f.name: f for f in fields(cls) if f.metadata.get("remote", True) or not remote}
     unknown = sorted(set(data) - set(known))
     if unknown:

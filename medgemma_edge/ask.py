@@ -9,69 +9,10 @@ import sys
 from pathlib import Path
 
 from edge.errors import InputError, UsageError
-from medgemma_edge.common import default_bundle, emit_json
+from medgemma_edge.common import emit_json
+from medgemma_edge.options import add_model_options, open_model
 
 log = logging.getLogger(__name__)
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Options that choose and size the model; shared by ask, serve and bench."""
-    p.add_argument(
-        "-b", "--bundle", default=default_bundle(), help="bundle directory ($MEDGEMMA_EDGE_BUNDLE)"
-    )
-    p.add_argument(
-        "--profile",
-        default="auto",
-        help="device profile from models/profiles.toml (phone-4GB, phone-8GB, jetson-orin-nano-8GB, "
-        "laptop-8GB, laptop-16GB); default auto: chosen from this machine's RAM and kind",
-    )
-    p.add_argument("--quant", help="which text model of the bundle (e.g. Q4_K_M); default: the profile's")
-    p.add_argument("--ctx", type=int, help="context length in tokens (default: the profile's)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--kv-type", help="KV cache type: f16, q8_0, q4_0, f32 (default: the profile's)")
-    p.add_argument("--no-flash-attn", action="store_true", help="disable flash attention")
-    p.add_argument("--no-mmap", action="store_true", help="read weights into RAM instead of mapping them")
-    p.add_argument(
-        "--no-repack", action="store_true", help="no repacked weight copy (less RAM, slower on x86)"
-    )
-    p.add_argument("--gpu-layers", type=int, help="layers to offload to a GPU (-1 all; needs a GPU build)")
-    p.add_argument(
-        "--image-cache", type=Path, help="also keep encoded images in this directory (size-bounded)"
-    )
-    p.add_argument(
-        "--image-encoder",
-        choices=("auto", "mmproj", "onnx"),
-        help="onnx: the bundle's ONNX image encoder (faster, no mmproj in memory); mmproj: llama.cpp's "
-        "projector; default: the profile's, when the bundle has it",
-    )
-
-
-def model_kwargs(args: argparse.Namespace) -> dict:
-    """MedGemma keyword arguments from the profile (``--profile``, auto-detected by default),
-    overridden by the flags given explicitly."""
-    from edge.bundle.manifest import open_bundle
-    from edge.device import profiles
-    from edge.media.image_cache import ImageCache
-    from medgemma_edge.common import resolve_bundle
-
-    bundle = open_bundle(resolve_bundle(args.bundle))
-    name, kwargs = profiles.medgemma_options(
-        bundle,
-        args.profile,
-        quant=args.quant,
-        n_ctx=args.ctx,
-        n_threads=args.threads,
-        kv_type=args.kv_type,
-        flash_attn=False if args.no_flash_attn else None,
-        use_mmap=False if args.no_mmap else None,
-        repack=False if args.no_repack else None,
-        gpu_layers=args.gpu_layers,
-        image_encoder=args.image_encoder,
-    )
-    if args.image_cache:
-        kwargs["image_cache"] = ImageCache(disk_dir=args.image_cache)
-    log.info("device profile %s: %s", name, {k: v for k, v in kwargs.items() if k != "image_cache"})
-    return kwargs
 
 
 def add_ask_parser(sub: argparse._SubParsersAction) -> None:
@@ -105,13 +46,6 @@ def load_schema(arg: str | None) -> dict | None:
         raise InputError(f"schema {arg} not found (a JSON file, or one of: report)") from None
     except ValueError as exc:
         raise InputError(f"schema {path} is not valid JSON ({exc})") from None
-
-
-def open_model(args: argparse.Namespace):
-    from edge.medgemma.model import MedGemma
-    from medgemma_edge.common import resolve_bundle
-
-    return MedGemma(resolve_bundle(args.bundle), **model_kwargs(args))
 
 
 def run_ask(args: argparse.Namespace) -> int:

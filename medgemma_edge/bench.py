@@ -73,20 +73,21 @@ def run_bench(
     tokens: int = 64,
     prompt_tokens: int = 256,
     image: bool = True,
+    image_cache=None,
     **overrides,
 ) -> dict:
     """Measure one bundle's MedGemma (and MedSigLIP, when the bundle has it) on this device
-    under a device profile (auto-detected when None); ``overrides`` are MedGemma keyword
-    arguments that win over the profile. Returns a flat dict of figures."""
+    under a device profile (auto-detected when None); ``overrides`` are MedGemma settings that
+    win over the profile. Returns a flat dict of figures."""
     from edge.bundle.gguf_header import read_header
     from edge.bundle.manifest import open_bundle
     from edge.device import profiles
     from edge.medgemma.model import GenerateOptions, MedGemma
 
     opened = open_bundle(bundle)
-    name, kwargs = profiles.medgemma_options(opened, profile, **overrides)
+    name, settings = profiles.medgemma_settings(opened, profile, **overrides)
     t0 = time.perf_counter()
-    model = MedGemma(opened, **kwargs)
+    model = MedGemma(opened, settings, image_cache=image_cache)
     load_s = time.perf_counter() - t0
     with model:
         header = read_header(model.bundle.path(model.info["text"]))
@@ -106,9 +107,9 @@ def run_bench(
             "synthetic": model.info["synthetic"],
             "threads": model.n_threads,
             "n_ctx": model.n_ctx,
-            "kv_type": kwargs.get("kv_type"),
-            "repack": kwargs.get("repack"),
-            "swa_full": kwargs.get("swa_full"),
+            "kv_type": settings.kv_type,
+            "repack": settings.repack,
+            "swa_full": settings.swa_full,
             "load_s": load_s,
             "prompt_tokens": text.usage["prompt_tokens"],
             "prompt_tps": text.timings["prompt_tps"],
@@ -130,7 +131,7 @@ def run_bench(
             out.update(_image_figures(model, GenerateOptions(max_tokens=8, temperature=0.0)))
     out["peak_rss_bytes"] = _peak_rss()  # before the bandwidth buffer
     if image and "medsiglip" in opened.manifest.get("components", {}):
-        out.update(_medsiglip_figures(opened, kwargs.get("n_threads") or model.n_threads))
+        out.update(_medsiglip_figures(opened, settings.n_threads or model.n_threads))
     bw = memory_bandwidth(out["threads"])
     per_token = weight_bytes_per_token(header)
     out.update(
@@ -211,7 +212,7 @@ def append_history(result: dict, path: Path = HISTORY) -> Path:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from medgemma_edge.ask import add_model_options
+    from medgemma_edge.options import add_model_options
 
     p = sub.add_parser("bench", help="measure this device with a bundle: speed, latency, memory")
     add_model_options(p)
@@ -223,16 +224,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
-    from medgemma_edge.ask import model_kwargs
-    from medgemma_edge.common import resolve_bundle
+    from dataclasses import asdict
 
-    kwargs = model_kwargs(args)  # the profile's choices with the flags applied
+    from medgemma_edge.options import medgemma_settings
+
+    bundle, settings, cache = medgemma_settings(args)  # the profile's choices with the flags applied
     r = run_bench(
-        resolve_bundle(args.bundle),
+        bundle.root,
         profile=args.profile,
         tokens=args.tokens,
         image=not args.no_image,
-        **kwargs,
+        image_cache=cache,
+        **asdict(settings),
     )
     path = append_history(r, args.history)
     if args.json:

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from edge.errors import UsageError, require
-from medgemma_edge.ask import add_model_options, model_kwargs
+from medgemma_edge.options import add_model_options, medgemma_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,11 @@ def settings_from_args(args: argparse.Namespace):
     from edge.bundle.manifest import open_bundle
     from edge.device import profiles
     from edge.device.resources import parse_bytes
-    from medgemma_edge.common import resolve_bundle
 
-    model_options = model_kwargs(args)
-    siglip_bundle = open_bundle(args.medsiglip_bundle or resolve_bundle(args.bundle))
-    medsiglip_options = profiles.medsiglip_options(siglip_bundle, args.profile)
+    bundle, medgemma, image_cache = medgemma_settings(args)
+    siglip_bundle = open_bundle(args.medsiglip_bundle) if args.medsiglip_bundle else bundle
     return ServeSettings(
-        bundle=resolve_bundle(args.bundle),
+        bundle=bundle.root,
         medsiglip_bundle=args.medsiglip_bundle,
         index=args.index,
         host=args.host,
@@ -58,8 +56,9 @@ def settings_from_args(args: argparse.Namespace):
         max_body_bytes=parse_bytes(args.max_body),
         endpoint_file=args.endpoint_file or default_endpoint_file(),
         unix_socket=args.unix_socket,
-        model_options=model_options,
-        medsiglip_options=medsiglip_options,
+        medgemma=medgemma,
+        medsiglip=profiles.medsiglip_settings(siglip_bundle, args.profile),
+        image_cache=image_cache,
         allow_paths=not args.no_paths,
     )
 

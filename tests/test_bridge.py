@@ -14,6 +14,7 @@ from fixtures_bridge import IMAGE_PNG, TRANSPORTS, make_bridge, start_server
 
 from android_bridge import transcripts
 from android_bridge.bridge import call
+from edge.medgemma.settings import MedGemmaSettings
 
 TWIN_TRANSCRIPTS = ("health", "generate", "generate_image", "errors", "medsiglip", "load_unload")
 LONG = {"prompt": "Describe the chest radiograph findings of lobar pneumonia in detail.", "max_tokens": 300}
@@ -97,14 +98,14 @@ def test_two_concurrent_generates_one_busy_neither_corrupted(small_bridge):
 
 
 def test_loading_answers_retry_after_then_ready(twin_llm_bundle, tmp_path):
-    bridge = make_bridge(bundle=twin_llm_bundle, model_options={"n_ctx": 256})
+    bridge = make_bridge(bundle=twin_llm_bundle, medgemma_settings=MedGemmaSettings(n_ctx=256))
     health = call(bridge, {"v": 1, "id": "h0", "op": "health"})[0]["result"]
     assert health["models"]["medgemma"]["state"] == "uninitialized"
     assert (
         health["models"]["medsiglip"]["state"] == "uninitialized" and not health["capabilities"]["medsiglip"]
     )
-    gate, real_open = threading.Event(), bridge.runtime._open
-    bridge.runtime._open = lambda *a: (gate.wait(60), real_open(*a))[1]  # hold the load open
+    gate, real_open = threading.Event(), bridge.runtime.opener
+    bridge.runtime.opener = lambda *a: (gate.wait(60), real_open(*a))[1]  # hold the load open
     server = start_server(bridge, tmp_path)
     loader = bridge.preload(["medgemma"])
     early = call(bridge, {"v": 1, "id": "g0", "op": "generate", "params": {"prompt": "hi", "max_tokens": 2}})
@@ -232,7 +233,7 @@ def test_importing_the_bridge_pulls_in_no_server_stack_or_torch():
     import sys
 
     code = (
-        "import sys, android_bridge, android_bridge.bridge, android_bridge.transports, android_bridge.serve;"
+        "import sys, android_bridge, android_bridge.bridge, android_bridge.transports, medgemma_edge.serve;"
         "bad = [m for m in ('torch', 'transformers', 'starlette', 'uvicorn') if m in sys.modules];"
         "print(','.join(bad))"
     )

@@ -65,7 +65,8 @@ def test_verify_missing_bundle_json(tmp_path):
 
 def test_import_edge_pulls_in_no_torch_or_transformers():
     code = (
-        "import sys, edge, edge.cli, edge.bundle, edge.gguf_header, edge.registry, edge.errors, edge.commands;"
+        "import sys, edge, medgemma_edge.cli, edge.bundle.manifest, edge.bundle.gguf_header, "
+        "edge.bundle.registry, edge.errors, medgemma_edge.verify;"
         "medgemma_edge.cli.build_parser();"
         "bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"

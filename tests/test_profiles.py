@@ -54,12 +54,12 @@ def test_unknown_profile_lists_the_known_ones():
 
 def test_options_take_the_first_quant_the_bundle_has_and_flags_win(twin_llm_bundle):
     b = open_bundle(twin_llm_bundle)  # holds Q8_0 only
-    name, opts = profiles.medgemma_options(b, "phone-4GB")
-    assert name == "phone-4GB" and opts["quant"] == "Q8_0"  # none of Q4_0/Q4_K_M: what there is
-    assert opts["n_ctx"] == 2048 and opts["kv_type"] == "q8_0" and opts["repack"] is False
-    assert opts["image_encoder"] == "mmproj"  # the profile prefers ONNX; this bundle has none
-    _, opts = profiles.medgemma_options(b, "laptop-16GB", n_ctx=512, kv_type=None)
-    assert opts["n_ctx"] == 512 and opts["kv_type"] == "f16"  # None: the profile's
+    name, opts = profiles.medgemma_settings(b, "phone-4GB")
+    assert name == "phone-4GB" and opts.quant == "Q8_0"  # none of Q4_0/Q4_K_M: what there is
+    assert opts.n_ctx == 2048 and opts.kv_type == "q8_0" and opts.repack is False
+    assert opts.image_encoder == "mmproj"  # the profile prefers ONNX; this bundle has none
+    _, opts = profiles.medgemma_settings(b, "laptop-16GB", n_ctx=512, kv_type=None)
+    assert opts.n_ctx == 512 and opts.kv_type == "f16"  # None: the profile's
 
 
 def test_ask_with_a_profile_and_a_bad_one(twin_llm_bundle):
@@ -102,6 +102,6 @@ def test_medsiglip_precision_follows_the_profile_when_the_bundle_has_it(medsigli
     b = open_bundle(medsiglip_bundle)
     have = b.component("medsiglip")["precisions"]
     for name in profiles.all_profiles():
-        opts = profiles.medsiglip_options(b, name)
-        assert opts == {} or opts["precision"] in have
-    assert profiles.medsiglip_options(b, "phone-4GB") == ({"precision": "int8"} if "int8" in have else {})
+        opts = profiles.medsiglip_settings(b, name)
+        assert opts.precision is None or opts.precision in have
+    assert profiles.medsiglip_settings(b, "phone-4GB").precision == ("int8" if "int8" in have else None)

@@ -93,16 +93,16 @@ def test_cancel_between_batches(fp32_encoder):
 
 def test_text_session_is_lazy_and_towers_restrict(medsiglip_bundle):
     enc = MedSigLIP(medsiglip_bundle, precision="int8", threads=1)
-    assert set(enc._sessions) == {"vision"}
+    assert enc.open_towers == {"vision"}
     enc.embed_texts(["a chest x-ray"])
-    assert set(enc._sessions) == {"vision", "text"}
+    assert enc.open_towers == {"vision", "text"}
     vision_only = MedSigLIP(medsiglip_bundle, precision="int8", towers=("vision",))
     with pytest.raises(UsageError, match="without its text tower"):
         vision_only.embed_texts(["x"])
     assert vision_only.classify(
         fid.sample_images(1)[0], label_set="cxr"
     ).ranked  # stored labels: no text tower
-    assert set(vision_only._sessions) == {"vision"}
+    assert vision_only.open_towers == {"vision"}
     with pytest.raises(InputError, match="no fp64"):
         MedSigLIP(medsiglip_bundle, precision="fp64")
     with pytest.raises(UsageError):

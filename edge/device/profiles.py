@@ -2,9 +2,9 @@
 
 The profiles live in ``models/profiles.toml`` (device knobs) and a bundle's manifest (the
 model's own choices per profile, copied from its registry entry at export). :func:`detect`
-names the profile that fits this machine; :func:`medgemma_options` turns a profile into
-:class:`edge.llm.MedGemma` keyword arguments for a given bundle, choosing the first quantization
-the bundle actually has. Explicit options (CLI flags) always win over the profile.
+names the profile that fits this machine; :func:`medgemma_settings` turns a profile into
+:class:`~edge.medgemma.settings.MedGemmaSettings` for a given bundle, choosing the first
+quantization the bundle actually has. Explicit options (CLI flags) always win over the profile.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
-from edge.errors import UsageError
+from edge.errors import EdgeError, UsageError
+from edge.medgemma.settings import MedGemmaSettings
+from edge.medsiglip.settings import MedSigLIPSettings
+from edge.settings import fields as settings_fields
+from edge.settings import from_mapping, overrides
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +80,32 @@ def get(name: str | None) -> tuple[str, dict]:
     return chosen, dict(profiles[chosen])
 
 
-def medgemma_options(bundle, name: str | None = None, **explicit) -> tuple[str, dict]:
-    """MedGemma keyword arguments for ``bundle`` under profile ``name`` (auto-detected when
-    None), with ``explicit`` (non-None values) overriding. Returns (profile name, kwargs)."""
+def medgemma_settings(bundle, name: str | None = None, **explicit) -> tuple[str, MedGemmaSettings]:
+    """MedGemma's settings for ``bundle`` under profile ``name`` (auto-detected when None), with
+    ``explicit`` (non-None values: the flags given) overriding. Returns (profile name, settings).
+
+    A profile key is a settings field's name, or the ``profile`` name its declaration gives
+    (``threads``, ``mmproj``); ``quant`` lists text GGUFs in order of preference and the first
+    one the bundle has is chosen; ``image_encoder`` falls back to what the bundle has.
+    """
     chosen, prof = get(name)
     model_says = dict((bundle.component("medgemma").get("profiles") or {}).get(chosen, {}))
     if "text" in model_says:  # bundles exported before the profiles file named it so
         model_says["quant"] = model_says.pop("text")
     prof.update(model_says)
+    values = {
+        f.name: prof[key]
+        for f in settings_fields(MedGemmaSettings)
+        if (key := f.metadata.get("profile") or f.name) in prof
+    }
+    values["quant"] = _quant(bundle, chosen, prof)
+    values["image_encoder"] = _encoder(bundle, prof)
+    settings = from_mapping(MedGemmaSettings, values, where=f"profile {chosen}: ")
+    return chosen, overrides(settings, **explicit)
+
+
+def _quant(bundle, chosen: str, prof: dict) -> str | None:
+    """The profile's first preferred text quantization that the bundle has, else the bundle's first."""
     quants = prof.get("quant") or []
     quants = [quants] if isinstance(quants, str) else list(quants)
     have = [f.get("quant") for f in bundle.files("medgemma") if f["role"] == "text"]
@@ -91,37 +113,23 @@ def medgemma_options(bundle, name: str | None = None, **explicit) -> tuple[str, 
     if quant is None and have:
         quant = have[0]
         log.info("profile %s: the bundle has none of %s; using %s", chosen, "/".join(quants), quant)
-    opts = {
-        "quant": quant,
-        "n_ctx": int(prof.get("n_ctx", 4096)),
-        "kv_type": prof.get("kv_type", "f16"),
-        "flash_attn": bool(prof.get("flash_attn", True)),
-        "repack": bool(prof.get("repack", True)),
-        "swa_full": bool(prof.get("swa_full", True)),
-        "n_threads": int(prof.get("threads", 0)) or None,
-        "gpu_layers": int(prof.get("gpu_layers", 0)),
-        "image_gpu": bool(prof.get("image_gpu", False)),
-        "image_encoder": _encoder(bundle, prof),
-        "mmproj_type": prof.get("mmproj"),
-        "keep_encoder": bool(prof.get("keep_encoder", True)),
-    }
-    opts.update({k: v for k, v in explicit.items() if v is not None})
-    return chosen, opts
+    return quant
 
 
-def medsiglip_options(bundle, name: str | None = None) -> dict:
-    """MedSigLIP keyword arguments under profile ``name``: its precision when the bundle has it
-    (the model's own choice in the manifest first, then the device profile's), else the bundle's
-    default."""
-    from edge.errors import EdgeError
-
+def medsiglip_settings(bundle, name: str | None = None, **explicit) -> MedSigLIPSettings:
+    """MedSigLIP's settings under profile ``name``: its precision when the bundle has it (the
+    model's own choice in the manifest first, then the device profile's), else the bundle's
+    default; ``explicit`` (non-None values) overriding."""
     chosen, prof = get(name)
+    settings = MedSigLIPSettings()
     try:
         comp = bundle.component("medsiglip")
     except EdgeError:
-        return {}
+        return overrides(settings, **explicit)
     want = (comp.get("profiles") or {}).get(chosen, {}).get("precision") or prof.get("medsiglip_precision")
-    return {"precision": want} if want in comp.get("precisions", []) else {}
+    if want in comp.get("precisions", []):
+        settings = overrides(settings, precision=want)
+    return overrides(settings, **explicit)
 
 
 def _encoder(bundle, prof: dict) -> str:

@@ -37,6 +37,8 @@ from edge.errors import Cancelled, InputError, UsageError
 from edge.media.images import LoadedImage, load_image
 from edge.medsiglip import onnx_towers
 from edge.medsiglip.preprocess import image_to_pixels
+from edge.medsiglip.settings import MedSigLIPSettings
+from edge.settings import overrides as apply_overrides
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,8 @@ class MedSigLIP:
 
     Args:
         bundle: a :class:`Bundle` or its directory.
-        precision: "int8", "fp16" or "fp32"; None: the component's default.
-        threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+        settings: precision and threads (:class:`~edge.medsiglip.settings.MedSigLIPSettings`;
+            a precision of None means the component's default); ``**overrides`` apply over them.
         towers: which towers this instance may load. The vision session opens at construction
             (so a bad file fails early); the text session opens on first use.
 
@@ -105,14 +107,15 @@ class MedSigLIP:
     def __init__(
         self,
         bundle: Bundle | str | os.PathLike,
+        settings: MedSigLIPSettings | None = None,
         *,
-        precision: str | None = None,
-        threads: int | None = None,
         towers: Sequence[str] = ("vision", "text"),
+        **overrides,
     ):
+        self.settings = apply_overrides(settings or MedSigLIPSettings(), **overrides)
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         comp = self.bundle.component(COMPONENT)
-        self.precision = precision or comp.get("default_precision", "int8")
+        self.precision = self.settings.precision or comp.get("default_precision", "int8")
         have = comp.get("precisions", [])
         if self.precision not in have:
             raise InputError(
@@ -122,7 +125,7 @@ class MedSigLIP:
         unknown = set(towers) - set(OUTPUTS)
         if unknown or not towers:
             raise UsageError(f"towers must be some of vision, text (got {', '.join(towers) or 'none'})")
-        self.threads = threads
+        self.threads = self.settings.threads
         self.towers = tuple(towers)
         self.dim = int(comp["embedding_dim"])
         self.logit_scale = float(comp["logit_scale"])
@@ -139,6 +142,11 @@ class MedSigLIP:
     def fingerprint(self) -> str:
         """Identifies the embedding space: the component's exact files + the tower precision."""
         return f"{self.bundle.fingerprint(COMPONENT)}-{self.precision}"
+
+    @property
+    def open_towers(self) -> set[str]:
+        """The towers whose onnxruntime session is open now (the text tower opens on first use)."""
+        return set(self._sessions)
 
     def _session(self, tower: str):
         if tower not in self.towers:

@@ -14,7 +14,6 @@ class MedSigLIPSettings:
     precision: str | None = setting(
         None,
         "which towers of the bundle (int8, fp16, fp32); default: the bundle's",
-        choices=(None, "int8", "fp16", "fp32"),
     )
     threads: int | None = setting(None, "onnxruntime threads (default: all cores)", minimum=1, maximum=1024)
 
