@@ -18,9 +18,9 @@ from edge import __version__
 from edge.errors import EdgeError
 from medgemma_edge.common import emit_json
 
-# verb -> module that defines add_parser(subparsers) for it; imported lazily, in this order.
+# verb -> module that defines add_<verb>_parser(subparsers); only the verb run is imported (all for --help).
 COMMANDS: dict[str, str] = {
-    "twin": "medgemma_edge.export",
+    "twin": "medgemma_edge.twin",
     "export": "medgemma_edge.export",
     "import": "medgemma_edge.export",
     "verify": "medgemma_edge.verify",
@@ -36,7 +36,8 @@ COMMANDS: dict[str, str] = {
 PROG = "medgemma-edge"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser: with ``verb`` (a known command) only that command's module is imported."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Offline MedGemma (GGUF) and MedSigLIP (ONNX) on clinic laptops, Jetsons and phones. "
@@ -48,18 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    seen: set[str] = set()
-    for verb, module in COMMANDS.items():
-        if (module, verb) in seen:
+    for name, module in COMMANDS.items():
+        if verb in COMMANDS and name != verb:
             continue
-        mod = importlib.import_module(module)
-        getattr(mod, f"add_{verb}_parser")(sub)
-        seen.add((module, verb))
+        getattr(importlib.import_module(module), f"add_{name}_parser")(sub)
     return parser
 
 
+def _verb(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first word that is not a top-level option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_verb(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(
