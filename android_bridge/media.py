@@ -55,7 +55,7 @@ def load(src: Any, *, allow_paths: bool = True) -> LoadedImage:
 
     Raises:
         ProtocolError(invalid_request): a malformed source, a path where paths aren't allowed.
-        InputError / TooLargeError: from edge.images (not an image, over the size limits).
+        InputError / TooLargeError: from edge.media.images (not an image, over the size limits).
     """
     frame = None
     if isinstance(src, str):

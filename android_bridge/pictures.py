@@ -3,7 +3,7 @@ thumbnails of indexed cases.
 
 Browsers can't show DICOM, and even for PNG/JPEG what the models see differs from the file
 (DICOM windowing, EXIF rotation, 16-bit stretching, alpha on black): a preview is made from
-:func:`edge.images.load_image`'s output, downscaled, as a PNG data URL. Thumbnails of the
+:func:`edge.media.images.load_image`'s output, downscaled, as a PNG data URL. Thumbnails of the
 similar-case index are read from the paths the index records (its own copies, else the files
 it was built from) and kept in a small LRU keyed by the case's content hash, so repeated
 searches don't decode the same DICOM again. Nothing here logs paths or pixels.

@@ -8,7 +8,7 @@ server's background preload) or handed an already-open model (tests, embedding a
 MedSigLIP and the similar-case index are reached through a small interface, so the bridge does
 not depend on how they are built:
 
-* encoder (:class:`edge.siglip.MedSigLIP`): ``embed_images(images, cancel=, progress=) ->
+* encoder (:class:`edge.medsiglip.model.MedSigLIP`): ``embed_images(images, cancel=, progress=) ->
   ndarray [N, D]``, ``embed_texts(texts, cancel=) -> ndarray [N, D]`` (L2-normalized rows),
   ``classify(image, labels=None, label_set=None)`` (ranked labels and scores).
 * index (:class:`edge.cases.CaseIndex`): ``search_image(image, encoder=, k=)`` and
@@ -261,7 +261,7 @@ def open_encoder(bundle: Bundle, settings: MedSigLIPSettings | None = None) -> A
     """The bundle's MedSigLIP (vision and text towers).
 
     Raises:
-        ProtocolError(not_loaded): edge.siglip is not in this build.
+        ProtocolError(not_loaded): edge.medsiglip.model is not in this build.
         InputError / IntegrityError: no medsiglip component, no such precision, a damaged file.
     """
     siglip = _module("edge.medsiglip.model", "MedSigLIP")
@@ -288,7 +288,7 @@ def open_index(directory: Path, encoder: Any = None) -> Any:
     """The similar-case index in ``directory`` (checked against ``encoder``'s fingerprint).
 
     Raises:
-        ProtocolError(not_loaded): edge.cases is not in this build.
+        ProtocolError(not_loaded): edge.cases.index is not in this build.
         InputError: no index there, or one built with another encoder.
     """
     cases = _module("edge.cases.index", "the similar-case index")

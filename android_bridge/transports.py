@@ -6,7 +6,7 @@ of concurrent requests interleave line by line and are told apart by ``id``. A l
 ``max_line_bytes`` gets ``too_large`` (and the rest of it is skipped).
 
 (The in-process transport is :func:`android_bridge.bridge.call`; the loopback HTTP one is
-:mod:`android_bridge.http_app`.)
+:mod:`android_bridge.http.app`.)
 """
 
 from __future__ import annotations

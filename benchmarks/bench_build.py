@@ -1,7 +1,7 @@
 """Benchmark (not a test): two llama-cpp-python builds on the same model, e.g. native vs portable.
 
 Each interpreter runs the same child in turn (alternating, ``--rounds`` times): load the
-backends the way the runtime does (``edge.accel.load_backends``), evaluate a 200-token prompt and
+backends the way the runtime does (``edge.device.accel.load_backends``), evaluate a 200-token prompt and
 generate 64 tokens greedily, best of 3. Prints prompt and generation tokens/s per build and the
 ratio to the first build (the baseline). Not part of ``make bench``: it needs a second build.
 

@@ -153,7 +153,7 @@ def bench_search(n: int, n_queries: int, work: Path, usearch_max: int) -> list[t
         idx.conn.execute("COMMIT")
         fill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ids, mat = idx._matrix()
+        ids, mat = idx.embeddings()
         cold_ms = (time.perf_counter() - t0) * 1e3
         db_mb = (root / "cases.sqlite").stat().st_size / 2**20
         rows.append((n, "SQLite fill (one transaction)", fill_s * 1e3, None, None, f"{db_mb:.0f} MiB db"))
@@ -182,7 +182,7 @@ def bench_search(n: int, n_queries: int, work: Path, usearch_max: int) -> list[t
         other.conn.execute("COMMIT")
         other.close()
         t0 = time.perf_counter()
-        idx._matrix()
+        idx.embeddings()
         rows.append(
             (
                 n,

@@ -42,6 +42,8 @@ def child(step: str, args: dict) -> None:
         return
     from export.gguf import convert
     from export.gguf.checkpoint import inspect_checkpoint
+    from export.gguf.component import gguf_facts
+    from export.gguf.quantize import quantize
 
     if step == "convert":
         ckpt = inspect_checkpoint(args["src"])
@@ -49,14 +51,14 @@ def child(step: str, args: dict) -> None:
             ckpt, kind=args["kind"], outtype=args["outtype"], out=Path(args["out"]), model_name="bench"
         )
     elif step == "quantize":
-        convert.quantize(Path(args["src"]), Path(args["out"]), quant=args["quant"])
+        quantize(Path(args["src"]), Path(args["out"]), quant=args["quant"])
     elif step == "bundle":
-        from edge.bundle.manifest import BundleWriter
+        from edge.bundle.write import BundleWriter
 
         with BundleWriter(args["bundle"], "medgemma") as w:
             for rel, src in args["files"].items():
                 os.link(src, w.path(rel))
-                w.add_file(rel, role=rel.split("/")[1].split("-")[0], gguf=convert.gguf_facts(w.path(rel)))
+                w.add_file(rel, role=rel.split("/")[1].split("-")[0], gguf=gguf_facts(w.path(rel)))
             w.component.update(source={"description": "bench: full twin", "synthetic": True})
     elif step == "verify":
         from edge.bundle.manifest import open_bundle

@@ -1,4 +1,4 @@
-"""Runtime overhead of edge.llm against raw llama-cpp-python on the same GGUF, same process.
+"""Runtime overhead of edge.medgemma.model against raw llama-cpp-python on the same GGUF, same process.
 
 Prints a table: generation tokens/s, time to first token and peak RSS of
 ``llama_cpp.Llama.create_completion`` (the baseline) and of ``MedGemma.stream`` (the runtime),

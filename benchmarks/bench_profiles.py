@@ -68,7 +68,7 @@ if kind.endswith(".onnx"):
     n_embd = 2560
 else:
     from edge.medgemma.vision import MmprojImageEncoder
-    from edge.medgemma.loading import load_llama
+    from edge.medgemma.llama_binding import load_llama
     text = next(f for f in bundle.files("medgemma") if f["role"] == "text")
     llm = load_llama(bundle.path(text), repack=False, n_ctx=64, verbose=False)  # mapped, untouched
     enc = MmprojImageEncoder(bundle.path(entry), entry, llm.model, threads=threads, flash_attn=True)

@@ -94,4 +94,10 @@ def ensure(bundle: Path = BUNDLE) -> Path:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # --help must answer without starting a 40-minute build
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
     print(ensure())

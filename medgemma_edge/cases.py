@@ -9,8 +9,8 @@ medgemma-edge index --index DIR info
 medgemma-edge search -b B --index DIR (IMAGE | --text "query") [--k 5] [--where key=value]... [--json]
 ```
 
-Only parsing and printing here; the work is in :mod:`edge.siglip`, :mod:`edge.cases` and
-:mod:`edge.cases_transfer`.
+Only parsing and printing here; the work is in :mod:`edge.medsiglip.model`, :mod:`edge.cases.index` and
+:mod:`edge.cases.transfer`.
 """
 
 from __future__ import annotations

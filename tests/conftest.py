@@ -32,7 +32,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     """Run ``medgemma-edge ARGS`` in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "edge", *args],
+        [sys.executable, "-m", "medgemma_edge", *args],
         capture_output=True,
         text=True,
         env=full_env,

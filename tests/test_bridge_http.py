@@ -1,4 +1,5 @@
-"""The loopback HTTP server: OpenAI clients, the token, size limits, CORS, busy, leaks, SIGTERM."""
+"""The loopback HTTP server: OpenAI clients, the token, size limits, CORS, busy, leaks, SIGTERM,
+and the error glue every route shares (bodies, statuses, Retry-After, the body limit)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,14 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from fixtures_bridge import IMAGE_PNG, HTTPClient, make_bridge, start_server
+from starlette.testclient import TestClient
 
-from android_bridge.bridge import call
+from android_bridge.bridge import Bridge, call
+from android_bridge.http.app import create_app
+from android_bridge.http.glue import error_body, first_reply_status, status_for
+from android_bridge.protocol import done, error, event
+from android_bridge.runtime import Runtime
+from android_bridge.settings import ServeSettings
 
 DATA_URL = "data:image/png;base64," + base64.b64encode(IMAGE_PNG).decode()
 
@@ -27,6 +34,33 @@ def openai_client(small_transports):
 
     s = small_transports.server
     return openai.OpenAI(base_url=s.url + "/v1", api_key=s.token, max_retries=0)
+
+
+TOKEN = "c0ffee" * 11
+
+
+class Scripted(Bridge):
+    """A bridge without models whose every request gets ``script(id)`` as its replies, so each
+    route's answer to a given first reply (loading, busy, a late error) can be pinned."""
+
+    def __init__(self, script):
+        super().__init__(Runtime())
+        self.script = script
+
+    def handle(self, raw, emit) -> str:
+        rid = raw.get("id") if isinstance(raw, dict) else json.loads(raw)["id"]
+        for msg in self.script(rid):
+            emit(msg)
+        return "error"
+
+
+def _test_client(script=lambda rid: []):
+    app = create_app(ServeSettings(token=TOKEN, max_body_bytes=4096), Scripted(script))
+    return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def _oai(code: str, message: str) -> dict:
+    return {"error": {"message": message, "type": code, "code": code, "param": None}}
 
 
 def _conn(server) -> http.client.HTTPConnection:
@@ -238,7 +272,7 @@ def test_serve_command_endpoint_file_and_sigterm(small_model_bundle, tmp_path):
         [
             sys.executable,
             "-m",
-            "edge",
+            "medgemma_edge",
             "serve",
             "-b",
             str(small_model_bundle),
@@ -295,7 +329,17 @@ def test_serve_stdio_command(twin_llm_bundle):
         {"v": 1, "id": "bye", "op": "shutdown"},
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", "serve", "-b", str(twin_llm_bundle), "--ctx", "256", "--stdio"],
+        [
+            sys.executable,
+            "-m",
+            "medgemma_edge",
+            "serve",
+            "-b",
+            str(twin_llm_bundle),
+            "--ctx",
+            "256",
+            "--stdio",
+        ],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -322,3 +366,95 @@ def test_serve_stdio_command(twin_llm_bundle):
     watchdog.cancel()
     assert proc.returncode == 0
     assert [json.loads(x)["type"] for x in out.splitlines()] == ["result", "done"]
+
+
+def test_the_glue_maps_codes_to_statuses_and_retry_after():
+    assert status_for("loading", 2.2) == (503, {"retry-after": "3"})
+    assert status_for("busy", 0.01) == (429, {"retry-after": "1"})  # never 0: clients would spin
+    assert status_for("no_such_code") == (500, {})
+    assert first_reply_status(event("x", "token", text="a", n_tokens=1)) == (200, {})
+    assert first_reply_status(error("x", "not_loaded", "load it")) == (409, {})
+    assert error_body("busy", "m") == {"error": {"code": "busy", "message": "m", "type": "busy"}}
+    assert error_body("busy", "m", openai=True) == _oai("busy", "m")
+
+
+@pytest.mark.parametrize(
+    ("code", "retry_after", "status", "header"), [("loading", 2.2, 503, "3"), ("busy", 0.1, 429, "1")]
+)
+def test_the_first_reply_decides_the_status_on_every_route(code, retry_after, status, header):
+    client = _test_client(
+        lambda rid: [error(rid, code, "not now", retry_after=retry_after), done(rid, "error")]
+    )
+    r = client.post("/v1/rpc", content=json.dumps({"v": 1, "id": "r1", "op": "health"}))
+    assert (r.status_code, r.headers["retry-after"], r.headers["content-type"]) == (
+        status,
+        header,
+        "application/x-ndjson",
+    )
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    assert lines[0]["error"] == {"code": code, "message": "not now", "retry_after": retry_after}
+    assert lines[-1]["type"] == "done"
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    for url, body in (
+        ("/v1/chat/completions", chat),
+        ("/v1/chat/completions", {**chat, "stream": True}),
+        ("/v1/embeddings", {"input": "x"}),
+    ):
+        r = client.post(url, json=body)
+        assert (r.status_code, r.headers["retry-after"]) == (status, header)
+        assert r.headers["content-type"] == "application/json" and r.json() == _oai(code, "not now")
+
+
+def test_an_error_after_the_first_reply_keeps_200_on_rpc_and_is_500_for_openai():
+    client = _test_client(
+        lambda rid: [
+            event(rid, "token", text="a", n_tokens=1),
+            error(rid, "internal", "boom"),
+            done(rid, "error"),
+        ]
+    )
+    r = client.post("/v1/rpc", content=json.dumps({"v": 1, "id": "r1", "op": "health"}))
+    assert r.status_code == 200 and "retry-after" not in r.headers
+    assert [json.loads(x)["type"] for x in r.text.splitlines()] == ["event", "error", "done"]
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 500 and r.json() == _oai("internal", "boom")
+    r = client.post(
+        "/v1/chat/completions", json={"stream": True, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert r.status_code == 200 and 'data: {"error": {"message": "boom", "type": "internal"}}' in r.text
+
+
+def test_body_errors_keep_each_routes_shape():
+    client = _test_client()
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b"x" * 3000
+        yield b"x" * 3000
+
+    r = client.post("/v1/rpc", content=b"x" * 5000)  # Content-Length over the limit: the guard
+    assert (r.status_code, r.headers["connection"]) == (413, "close")
+    assert r.content == json.dumps(error_body("too_large", "request body over 4096 bytes")).encode()
+    r = client.post("/v1/rpc", content=chunked())
+    assert (r.status_code, r.headers["connection"]) == (413, "close")
+    assert r.json() == error_body("too_large", "request body too large")
+    for url in ("/v1/chat/completions", "/v1/embeddings"):
+        r = client.post(url, content=chunked())
+        assert r.status_code == 413 and r.json() == _oai("too_large", "request body too large")
+    r = client.post("/v1/preview", content=chunked())
+    assert r.status_code == 413 and r.headers["cache-control"] == "no-store"
+    assert r.json() == error_body("too_large", "the image is larger than this runtime accepts in one request")
+    for raw, message in (
+        (b"{", "the body is not valid JSON"),
+        (b"\xff", "the body is not valid JSON"),
+        (b"[1]", "the body must be a JSON object"),
+    ):
+        r = client.post("/v1/chat/completions", content=raw)
+        assert r.status_code == 400 and r.json() == _oai("invalid_request", message)
+    r = client.post("/v1/rpc", content=b"{}", headers={"Authorization": "Bearer " + "0" * 64})
+    assert (r.status_code, r.headers["www-authenticate"]) == (401, "Bearer")
+    assert (
+        r.content
+        == json.dumps(
+            error_body("unauthorized", "missing or wrong bearer token (see the endpoint file)")
+        ).encode()
+    )

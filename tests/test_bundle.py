@@ -4,11 +4,12 @@ import os
 import pytest
 
 from edge.bundle import manifest
+from edge.bundle.write import BundleWriter
 from edge.errors import InputError, IntegrityError, UsageError
 
 
 def _write(root, component="medgemma", payload=b"x" * 1000, name="a.bin", fail=False):
-    with manifest.BundleWriter(root, component) as w:
+    with BundleWriter(root, component) as w:
         w.path(f"{component}/{name}").write_bytes(payload)
         w.add_file(f"{component}/{name}", role="test")
         w.component.update(source={"description": "unit test", "synthetic": True})
@@ -108,7 +109,7 @@ def test_refuses_non_bundle_directory(tmp_path):
 def test_update_adds_to_a_component(tmp_path):
     root = tmp_path / "B"
     _write(root, "medgemma", b"text")
-    with manifest.BundleWriter(root, "medgemma", update=True) as w:
+    with BundleWriter(root, "medgemma", update=True) as w:
         w.path("medgemma/extra.bin").write_bytes(b"extra")
         w.add_file("medgemma/extra.bin", role="extra")
         w.component["note"] = "added"

@@ -68,6 +68,19 @@ def test_cancel_keeps_committed_batches_and_resume_adds_the_rest(fresh_index, in
     assert (rep.added, rep.duplicates) == (_n_images(cases_samples) - 4, 4)
 
 
+def test_on_added_runs_inside_the_batch_transaction(fresh_index, int8_encoder, cases_samples):
+    counts = []
+
+    def on_added(n):
+        counts.append(n)
+        if n == 6:  # inside the second batch of 4: raising rolls that batch back
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fresh_index.add([cases_samples], encoder=int8_encoder, batch_size=4, on_added=on_added)
+    assert counts == [1, 2, 3, 4, 5, 6] and fresh_index.count() == 4
+
+
 def test_search_by_image_and_text_with_filters(fresh_index, int8_encoder, cases_samples):
     for kind in ("film", "skin", "fundus", "dicom"):
         fresh_index.add([cases_samples / kind], encoder=int8_encoder, meta={"kind": kind})
@@ -106,7 +119,7 @@ def test_matrix_cache_sees_writes_from_another_connection(tmp_path, int8_encoder
         assert top.content == str(q.resolve()) and top.score == pytest.approx(1.0, abs=1e-5)
         b.conn.execute("DELETE FROM cases WHERE id = ?", (top.id,))  # not an API: a full reload
         assert top.id not in {h.id for h in a.search_image(q, encoder=int8_encoder, k=10)}
-        assert len(a._matrix()[0]) == a.count() == 4
+        assert len(a.embeddings()[0]) == a.count() == 4
 
 
 def test_errors_empty_other_bundle_and_k(tmp_path, int8_encoder, medsiglip_ext_bundle, cases_samples):
@@ -178,6 +191,25 @@ def test_cli_exit_codes_and_json(tmp_path, medsiglip_bundle, medsiglip_ext_bundl
 
 HOLD_AT = 6  # the kill lands inside the second transaction (batch size 4)
 
+# Adds a folder through the public API and, when case HOLD_AT is inserted (inside its batch's
+# open transaction: on_added runs before the commit), signals the test and waits to be killed.
+ADD_AND_HOLD = """
+import os, sys, time
+from pathlib import Path
+from edge.cases.index import CaseIndex
+from edge.medsiglip.model import MedSigLIP
+bundle, root, folder, marker, hold_at = sys.argv[1:6]
+enc = MedSigLIP(bundle, towers=("vision",))
+
+def on_added(n):
+    if n == int(hold_at):
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(120)
+
+with CaseIndex.open(root, encoder=enc, create=True) as idx:
+    idx.add([folder], encoder=enc, copy=True, batch_size=4, on_added=on_added)
+"""
+
 
 def test_sigkill_mid_transaction_then_resume(tmp_path, medsiglip_bundle, int8_encoder, cases_samples):
     folder = tmp_path / "in"
@@ -185,25 +217,8 @@ def test_sigkill_mid_transaction_then_resume(tmp_path, medsiglip_bundle, int8_en
     (folder / "skin" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + bytes(40))
     n = _n_images(folder) - 1
     root, marker = tmp_path / "idx", tmp_path / "holding"
-    env = {
-        **os.environ,
-        "MEDGEMMA_EDGE_TEST_HOLD_AT_ROW": str(HOLD_AT),
-        "MEDGEMMA_EDGE_TEST_HOLD_FILE": str(marker),
-    }
-    args = [
-        "index",
-        "-b",
-        str(medsiglip_bundle),
-        "--index",
-        str(root),
-        "add",
-        str(folder),
-        "--batch-size",
-        "4",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", *args, "--copy"], cwd=ROOT, env=env, stderr=subprocess.PIPE
-    )
+    args = [str(medsiglip_bundle), str(root), str(folder), str(marker), str(HOLD_AT)]
+    proc = subprocess.Popen([sys.executable, "-c", ADD_AND_HOLD, *args], cwd=ROOT, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()

@@ -1,4 +1,5 @@
-"""Prompt segments, embedding decode and KV reuse (edge/kv_prefix.py) on the tiny MedGemma twin."""
+"""Prompt segments, embedding decode and KV reuse (edge/medgemma/kv_prefix.py, llama_binding.py) on the
+tiny MedGemma twin."""
 
 import ctypes
 import io
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge.medgemma import llama_binding
 from edge.medgemma.kv_prefix import ImageSegment, reusable_prefix
 from edge.medgemma.model import GenerateOptions, MedGemma
 from edge.media.images import load_image
@@ -26,20 +28,9 @@ def _msgs(question: str, image: bool = True):
     return [{"role": "user", "content": content}]
 
 
-def _stats():
-    return {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
-
-
-def _last_logits(m: MedGemma) -> np.ndarray:
-    import llama_cpp
-
-    ptr = llama_cpp.llama_get_logits_ith(m.llama._ctx.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(m.llama.n_vocab(),)).copy()
-
-
 def _tokens(m: MedGemma, pieces) -> list[int]:
     n_prompt = pieces[-1].usage["prompt_tokens"]
-    return m.llama.input_ids[n_prompt : m.llama.n_tokens].tolist()
+    return m.evaluated_tokens()[n_prompt:]
 
 
 def test_reusable_prefix_never_splits_an_image():
@@ -57,7 +48,7 @@ def test_split_prompt_tokenizes_like_libmtmd(twin_llm_bundle):
 
     with MedGemma(twin_llm_bundle, n_ctx=256, image_encoder="mmproj") as m:
         text, _ = m.render(_msgs("Describe, please: <b>x</b> 12.5 cm"))
-        ours = [s for s in m._segments(text, [_image(1)]) if not isinstance(s, ImageSegment)]
+        ours = [s for s in m.segments(text, [_image(1)]) if not isinstance(s, ImageSegment)]
         rgb = np.asarray(_image(1).image, dtype=np.uint8)
         buf = (ctypes.c_uint8 * rgb.nbytes).from_buffer_copy(rgb.tobytes())
         bitmap = mtmd_cpp.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf)
@@ -94,22 +85,23 @@ def test_embedding_decode_equals_libmtmd_helper(twin_llm_bundle):
 
     with MedGemma(twin_llm_bundle, n_ctx=256, image_encoder="mmproj") as m:
         image = _image(2)
-        m._prefill(_msgs("Describe."), [image], None, None, _stats())
-        ours = _last_logits(m)
+        m.evaluate(_msgs("Describe."), images=[image])
+        ours = m.last_logits()
         text, _ = m.render(_msgs("Describe."))
-        segments = m._segments(text, [image])
+        segments = m.segments(text, [image])
         embd = m.image_cache.get(segments[1].key)
         m.llama.reset()
-        m.llama._ctx.kv_cache_clear()
+        llama_binding.clear_kv(m.llama)
         m.llama.eval(segments[0])
-        with m.encoder._image_chunk(image) as chunk:
-            new_n_past = llama_cpp.llama_pos(m.llama.n_tokens)
+        with m.encoder.image_chunk(image) as chunk:
+            n_past = llama_binding.n_evaluated(m.llama)
+            new_n_past = llama_cpp.llama_pos(n_past)
             rc = mtmd_cpp.mtmd_helper_decode_image_chunk(
                 m.encoder.ctx,
-                m.llama._ctx.ctx,
+                llama_binding.context(m.llama),
                 chunk,
                 embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                m.llama.n_tokens,
+                n_past,
                 0,
                 m.llama.n_batch,
                 ctypes.byref(new_n_past),
@@ -117,10 +109,10 @@ def test_embedding_decode_equals_libmtmd_helper(twin_llm_bundle):
                 None,
             )
         assert rc == 0
-        m.llama.n_tokens = new_n_past.value
+        llama_binding.set_evaluated(m.llama, new_n_past.value)
         m.llama.eval(segments[2])
         m.forget_context()
-        theirs = _last_logits(m)
+        theirs = m.last_logits()
     assert np.array_equal(ours, theirs)
     assert np.abs(ours).max() > 0
 
@@ -136,14 +128,14 @@ def test_follow_up_reuses_the_cache_and_answers_the_same(twin_llm_bundle):
         ]
         follow = list(m.stream(convo, images=[image], options=GREEDY))
         reused = follow[-1].timings["kv_reused_tokens"]
-        warm_tokens, warm_logits = _tokens(m, follow), _last_logits(m)
+        warm_tokens, warm_logits = _tokens(m, follow), m.last_logits()
         new_q = list(m.stream(_msgs("Any fracture?"), images=[image], options=GREEDY))
         assert new_q[-1].timings["kv_reused_tokens"] > 16  # up to and including the image
         assert new_q[-1].timings["image_encode_s"] == 0
     with MedGemma(twin_llm_bundle, n_ctx=512) as cold:  # nothing held: everything evaluated
         follow_cold = list(cold.stream(convo, images=[image], options=GREEDY))
         assert follow_cold[-1].timings["kv_reused_tokens"] == 0
-        cold_tokens, cold_logits = _tokens(cold, follow_cold), _last_logits(cold)
+        cold_tokens, cold_logits = _tokens(cold, follow_cold), cold.last_logits()
     # the whole first prompt (image included) is kept, but for its last "\n": the twin's answer
     # is newlines, which the template trims when it renders the answer back
     assert reused >= first[-1].usage["prompt_tokens"] - 1 > 16

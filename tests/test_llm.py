@@ -15,7 +15,7 @@ import pytest
 from conftest import png_header_only, run_cli
 from PIL import Image
 
-from edge.errors import Busy, ContextOverflow, IntegrityError
+from edge.errors import Busy, ContextOverflow, IntegrityError, MissingDependency, UsageError
 from edge.medgemma.model import GenerateOptions
 from edge.media.images import load_image
 
@@ -147,27 +147,19 @@ def test_twin_answers_about_images_and_caches_them(twin_model, maker, tmp_path):
 
 
 def test_cached_embeddings_give_the_same_logits_as_encoding(twin_model):
-    import llama_cpp
-
     image = load_image(_png_bytes(11))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
 
     def last_logits():
-        twin_model._prefill(
-            msgs, [image], None, None, {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
-        )
-        ptr = llama_cpp.llama_get_logits_ith(twin_model.llama._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(twin_model.llama.n_vocab(),)).copy()
+        twin_model.evaluate(msgs, images=[image])
+        return twin_model.last_logits()
 
     fresh = last_logits()  # encodes (cache miss), then decodes the copied embeddings
     twin_model.forget_context()  # forget the KV cache's contents: the image is decoded again, from the cache
     cached = last_logits()
     other = load_image(_png_bytes(12))
-    twin_model._prefill(
-        msgs, [other], None, None, {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
-    )
-    ptr = llama_cpp.llama_get_logits_ith(twin_model.llama._ctx.ctx, -1)
-    different = np.ctypeslib.as_array(ptr, shape=(twin_model.llama.n_vocab(),)).copy()
+    twin_model.evaluate(msgs, images=[other])
+    different = twin_model.last_logits()
     assert np.array_equal(fresh, cached)
     assert np.abs(fresh - different).max() > 1e-3  # the image matters: the path is live
 
@@ -262,6 +254,30 @@ def test_integrity_error_from_library(twin_llm_bundle, tmp_path):
     text.write_bytes(text.read_bytes()[:1000])
     with pytest.raises(IntegrityError, match=text.name):
         MedGemma(copy)
+
+
+def test_settings_object_and_keyword_overrides(small_model_bundle):
+    from edge.medgemma.model import MedGemma
+    from edge.medgemma.settings import MedGemmaSettings
+
+    with MedGemma(small_model_bundle, MedGemmaSettings(n_ctx=512, kv_type="q8_0"), n_ctx=256) as m:
+        assert m.settings == MedGemmaSettings(n_ctx=256, kv_type="q8_0")  # the keyword wins
+        assert m.n_ctx == 256 and m.info["n_ctx"] == 256
+    with pytest.raises(UsageError, match="n_ctxx"):
+        MedGemma(small_model_bundle, n_ctxx=256)
+    with pytest.raises(UsageError, match="kv_type.*q5_9"):
+        MedGemma(small_model_bundle, kv_type="q5_9")
+
+
+def test_binding_version_is_checked():
+    import llama_cpp
+
+    from edge.medgemma import llama_binding
+
+    assert llama_binding.binding() is llama_cpp  # the installed binding is the supported one
+    llama_binding.check_version(llama_cpp.__version__)
+    with pytest.raises(MissingDependency, match=r"llama-cpp-python 0\.2\.90 is installed.*0\.3\.36"):
+        llama_binding.check_version("0.2.90")
 
 
 def test_ask_works_with_the_network_blocked(small_model_bundle):

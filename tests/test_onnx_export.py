@@ -222,7 +222,7 @@ def test_bad_precision_is_a_usage_error(medsiglip_twin, tmp_path):
 
 
 def test_cli_json_export_keeps_other_component(medsiglip_twin, tmp_path):
-    from edge.bundle.manifest import BundleWriter
+    from edge.bundle.write import BundleWriter
 
     root = tmp_path / "B"
     with BundleWriter(root, "medgemma") as w:

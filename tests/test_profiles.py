@@ -1,4 +1,4 @@
-"""Device profiles (models/profiles.toml, edge/profiles.py) and the memory estimate's terms."""
+"""Device profiles (models/profiles.toml, edge/device/profiles.py) and the memory estimate's terms."""
 
 import pytest
 from conftest import run_cli

@@ -1,4 +1,4 @@
-"""edge.siglip on the tiny twin bundle: fidelity vs transformers, zero-shot ranks, batching, cancel."""
+"""edge.medsiglip.model on the tiny twin bundle: fidelity vs transformers, zero-shot ranks, batching, cancel."""
 
 from __future__ import annotations
 

@@ -19,13 +19,11 @@ def _image(seed: int):
 def _embeddings(bundle, encoder: str, image) -> tuple[np.ndarray, list[int]]:
     with MedGemma(bundle, n_ctx=256, image_encoder=encoder) as m:
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
-        m._prefill(
-            msgs, [image], None, None, {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
-        )
-        (embd,) = m.image_cache._mem.values()
+        m.evaluate(msgs, images=[image])
+        (embd,) = m.image_cache.values()
         pieces = list(m.stream(msgs, images=[image], options=GenerateOptions(max_tokens=6, stop=[])))
         n_prompt = pieces[-1].usage["prompt_tokens"]
-        generated = m.llama.input_ids[n_prompt : m.llama.n_tokens].tolist()  # image positions hold no ids
+        generated = m.evaluated_tokens()[n_prompt:]  # image positions hold no ids
     return embd, generated + [pieces[-1].usage["completion_tokens"]]
 
 

@@ -2,15 +2,14 @@
 
 A real server on port 0 serves the tiny MedGemma twin (each token held back a little, so that
 streaming and Stop are observable), MedSigLIP and a small case index. Every request the page
-makes is recorded and must go to that server; a screenshot is left in test-artifacts/.
+makes is recorded and must go to that server; a screenshot is left in test-artifacts/. The
+page's routes over plain HTTP, without a browser, are tests/test_web_routes.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
-import re
 import shutil
 import threading
 import time
@@ -19,11 +18,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from conftest import ROOT, png_header_only
+from conftest import ROOT
 from fixtures_bridge import IMAGE_PNG, make_bridge, start_server
 from PIL import Image
 
-from android_bridge.http.page import STATIC, WEB
+from edge.medgemma.settings import MedGemmaSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -175,72 +174,6 @@ def low_contrast(page) -> list[str]:
 
 def wait_ready(page) -> None:
     page.wait_for_function("() => document.getElementById('runtime').textContent.includes('MedGemma ready')")
-
-
-def test_page_and_routes_over_http(web):
-    server, _ = web
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-
-    def get(path, headers=None):
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp, resp.read()
-
-    resp, body = get("/", {"Accept": "text/html,application/xhtml+xml"})
-    csp = resp.getheader("content-security-policy")
-    assert (
-        resp.status == 200
-        and b"<main" in body
-        and "default-src 'self'" in csp
-        and "connect-src 'self'" in csp
-    )
-    assert (
-        resp.getheader("x-content-type-options") == "nosniff"
-        and resp.getheader("cache-control") == "no-store"
-    )
-    resp, body = get("/")  # API clients keep their JSON
-    assert json.loads(body)["protocol"] == 1
-    assert {p.name for p in WEB.iterdir()} == {*STATIC, "index.html"}  # every asset is served
-    for name, kind in STATIC.items():
-        resp, body = get(f"/static/{name}")  # no token: the assets carry no data
-        assert resp.status == 200 and resp.getheader("content-type") == kind and body
-    assert get("/static/../page.py")[0].status in (401, 404)
-    assert get("/v1/web/config")[0].status == 401
-    auth = {"Authorization": f"Bearer {server.token}"}
-    resp, body = get("/v1/web/config", auth)
-    config = json.loads(body)
-    assert config["limits"]["max_image_pixels"] > 0 and "findings" in config["report"]["schema"]["properties"]
-    assert resp.getheader("cache-control") == "no-store"
-
-    def preview(data: bytes, query: str = ""):
-        conn.request("POST", "/v1/preview" + query, body=data, headers=auth)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-
-    status, png = preview(IMAGE_PNG)
-    assert status == 200 and png["image"].startswith("data:image/png;base64,") and png["format"] == "png"
-    status, ct = preview(_dicom().read_bytes())
-    assert (
-        status == 200
-        and ct["format"] == "dicom"
-        and ct["info"]["modality"] == "CT"
-        and "window" in ct["info"]
-    )
-    status, bad = preview(b"just some notes, not an image")
-    assert (
-        status == 400
-        and bad["error"]["code"] == "invalid_request"
-        and "not an image" in bad["error"]["message"]
-    )
-    status, huge = preview(png_header_only(9000, 8000))
-    assert status == 413 and huge["error"]["code"] == "too_large" and "megapixels" in huge["error"]["message"]
-    status, frame = preview(IMAGE_PNG, "?frame=x")
-    assert status == 400
-    conn.close()
-    for path in WEB.iterdir():  # all assets local: no URL of another host anywhere in the page
-        text = path.read_text(encoding="utf-8")
-        urls = set(re.findall(r"https?://[^\s\"'<>)]+", text)) - {"http://www.w3.org/2000/svg"}
-        assert not urls and not re.search(r"""(src|href)\s*=\s*["']//|url\(|@import""", text), path
 
 
 def test_ask_about_a_png_and_a_dicom_stop_findings_cases_report(web, browser, tmp_path):
@@ -425,9 +358,9 @@ def test_the_token_stays_out_of_logs_and_the_page_needs_it(web, browser, caplog)
 
 
 def test_the_page_waits_while_the_model_loads(twin_llm_bundle, browser, tmp_path):
-    bridge = make_bridge(bundle=twin_llm_bundle, model_options={"n_ctx": 256})
-    gate, real_open = threading.Event(), bridge.runtime._open
-    bridge.runtime._open = lambda *a: (gate.wait(60), real_open(*a))[1]  # hold the load open
+    bridge = make_bridge(bundle=twin_llm_bundle, medgemma_settings=MedGemmaSettings(n_ctx=256))
+    gate, real_open = threading.Event(), bridge.runtime.opener
+    bridge.runtime.opener = lambda *a: (gate.wait(60), real_open(*a))[1]  # hold the load open
     server = start_server(bridge, tmp_path)
     loader = bridge.preload(["medgemma"])
     try:
@@ -452,27 +385,6 @@ def test_the_page_waits_while_the_model_loads(twin_llm_bundle, browser, tmp_path
         server.stop()
         server.join(10)
         bridge.shutdown(grace_s=1)
-
-
-def test_serve_open_opens_the_page_with_its_token(twin_llm_bundle, tmp_path, monkeypatch, capsys):
-    import signal
-    import webbrowser
-
-    from android_bridge.http.server import RunningServer
-    from medgemma_edge.cli import build_parser
-
-    opened: list[str] = []
-    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
-    monkeypatch.setattr(RunningServer, "run", lambda self: None)  # start, open, stop at once
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own handlers
-    ep = tmp_path / "endpoint.json"
-    argv = ["serve", "-b", str(twin_llm_bundle), "--ctx", "256", "--endpoint-file", str(ep), "--open"]
-    args = build_parser().parse_args(argv)
-    assert args.func(args) == 0
-    info = json.loads(ep.read_text())
-    assert opened == [info["page"]] and info["page"] == f"{info['url']}/#token={info['token']}"
-    out = capsys.readouterr().out
-    assert f"web page: {info['url']}/" in out and info["token"] not in out  # stdout is not a terminal here
 
 
 def test_a_multiframe_dicom_shows_its_frames(web, browser):

@@ -4,14 +4,14 @@
 ``data: [DONE]``; image parts as ``image_url`` data URLs), ``/v1/embeddings`` (MedSigLIP: a
 string input is text, a ``data:image/...`` input is an image; ``encoding_format`` float or
 base64), ``/v1/models``. Each is translated into one protocol request and run by the same
-``Bridge.handle``; protocol errors become OpenAI-style error bodies with the matching status.
+``Bridge.handle``; protocol errors become OpenAI-style error bodies with the matching status
+and Retry-After (:mod:`android_bridge.http.glue`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -20,34 +20,12 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from android_bridge.protocol import HTTP_STATUS, VERSION
+from android_bridge.http.glue import BadBody, error_response, read_json, replies, reply_error
+from android_bridge.protocol import VERSION
 
 CHAT_MODEL = "medgemma"
 EMBED_MODEL = "medsiglip"
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
-
-
-def _error(code: str, message: str, *, retry_after: float | None = None) -> JSONResponse:
-    headers = {"retry-after": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return JSONResponse(
-        {"error": {"message": message, "type": code, "code": code, "param": None}},
-        status_code=HTTP_STATUS.get(code, 500),
-        headers=headers,
-    )
-
-
-async def _json(request: Request) -> dict | JSONResponse:
-    from android_bridge.http.app import BodyTooLarge, read_body
-
-    try:
-        body = json.loads(await read_body(request))
-    except BodyTooLarge:
-        return _error("too_large", "request body too large")
-    except ValueError:
-        return _error("invalid_request", "the body is not valid JSON")
-    if not isinstance(body, dict):
-        return _error("invalid_request", "the body must be a JSON object")
-    return body
 
 
 def _generate_params(body: dict) -> dict:
@@ -69,11 +47,10 @@ def _generate_params(body: dict) -> dict:
 
 
 async def chat_completions(request: Request):
-    from android_bridge.http.app import replies
-
-    body = await _json(request)
-    if isinstance(body, JSONResponse):
-        return body
+    try:
+        body = await read_json(request)
+    except BadBody as exc:
+        return error_response(exc.code, str(exc), openai=True)
     rid = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     req = {"v": VERSION, "id": rid, "op": "generate", "params": _generate_params(body)}
@@ -81,9 +58,7 @@ async def chat_completions(request: Request):
     first = await anext(stream)
     if first["type"] == "error":
         await stream.aclose()
-        return _error(
-            first["error"]["code"], first["error"]["message"], retry_after=first["error"].get("retry_after")
-        )
+        return reply_error(first["error"], openai=True)
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         obj = {
@@ -132,7 +107,7 @@ async def chat_completions(request: Request):
         elif msg["type"] == "done":
             done = msg
     if err is not None:
-        return _error(err["code"], err["message"], retry_after=err.get("retry_after"))
+        return reply_error(err, openai=True)
     return JSONResponse(
         {
             "id": rid,
@@ -152,19 +127,20 @@ async def chat_completions(request: Request):
 
 
 async def embeddings(request: Request):
-    from android_bridge.http.app import replies
-
-    body = await _json(request)
-    if isinstance(body, JSONResponse):
-        return body
+    try:
+        body = await read_json(request)
+    except BadBody as exc:
+        return error_response(exc.code, str(exc), openai=True)
     inputs = body.get("input")
     if isinstance(inputs, str):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
-        return _error("invalid_request", "input must be a string or a non-empty list of strings")
+        return error_response(
+            "invalid_request", "input must be a string or a non-empty list of strings", openai=True
+        )
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
-        return _error("invalid_request", "encoding_format must be float or base64")
+        return error_response("invalid_request", "encoding_format must be float or base64", openai=True)
     images = [i for i, x in enumerate(inputs) if x.startswith("data:image/")]
     texts = [i for i in range(len(inputs)) if i not in set(images)]
     rows: dict[int, list[float]] = {}
@@ -177,8 +153,7 @@ async def embeddings(request: Request):
         req = {"v": VERSION, "id": f"emb-{secrets.token_hex(8)}", "op": op, "params": params}
         async for msg in replies(request.app.state.bridge, req):
             if msg["type"] == "error":
-                e = msg["error"]
-                return _error(e["code"], e["message"], retry_after=e.get("retry_after"))
+                return reply_error(msg["error"], openai=True)
             if msg["type"] == "result":
                 rows.update(zip(idx, msg["result"]["embeddings"], strict=True))
     data = []

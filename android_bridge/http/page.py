@@ -32,8 +32,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from android_bridge.http.glue import BodyTooLarge, error_response, read_body
 from android_bridge.pictures import PREVIEW_MAX_SIDE, preview
-from android_bridge.protocol import HTTP_STATUS, VERSION, error_from_exception
+from android_bridge.protocol import VERSION, error_from_exception
 from edge.medgemma.generation import DISCLAIMER, builtin_schema
 from edge.media.images import MAX_FILE_BYTES, MAX_PIXELS, load_image
 
@@ -109,7 +110,7 @@ async def index(request: Request) -> Response:
 
 async def static(request: Request) -> Response:
     name = request.path_params["name"]
-    if name not in STATIC:
+    if name not in STATIC:  # not a protocol error: a plain 404 (no ``type``), as it always was
         return JSONResponse({"error": {"code": "not_found", "message": "no such file"}}, status_code=404)
     return Response(
         (WEB / name).read_bytes(),
@@ -141,24 +142,16 @@ async def config(request: Request) -> Response:
     return JSONResponse(body, headers=DATA_HEADERS)
 
 
-def _error(code: str, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "type": code}},
-        status_code=HTTP_STATUS.get(code, 500),
-        headers=DATA_HEADERS,
-    )
-
-
 async def preview_route(request: Request) -> Response:
-    from android_bridge.http.app import BodyTooLarge, read_body
-
     try:
         data = await read_body(request)
     except BodyTooLarge:
-        return _error("too_large", "the image is larger than this runtime accepts in one request")
+        return error_response(
+            "too_large", "the image is larger than this runtime accepts in one request", headers=DATA_HEADERS
+        )
     frame_arg = request.query_params.get("frame")
     if frame_arg is not None and not frame_arg.isdigit():
-        return _error("invalid_request", "frame must be a whole number")
+        return error_response("invalid_request", "frame must be a whole number", headers=DATA_HEADERS)
     frame = int(frame_arg) if frame_arg is not None else None
     t0 = time.perf_counter()
 
@@ -172,7 +165,7 @@ async def preview_route(request: Request) -> Response:
         if reply["code"] == "internal" and not hasattr(exc, "code"):
             log.exception("preview failed")
         log.info("http: preview of %d bytes refused (%s)", len(data), reply["code"])
-        return _error(reply["code"], reply["message"])
+        return error_response(reply["code"], reply["message"], headers=DATA_HEADERS)
     log.info(
         "http: preview of %d bytes (%s) in %.0f ms",
         len(data),

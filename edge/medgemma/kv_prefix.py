@@ -11,21 +11,13 @@ Gemma 3's image tokens attend to each other both ways (non-causal), so an image 
 or not at all. With llama.cpp's sliding-window cache trimmed to the window (``swa_full=False``,
 the phone profiles), removing positions may be impossible; the runtime then starts over.
 
-Feeding embeddings: :func:`decode_embeddings` does what libmtmd's
-``mtmd_helper_decode_image_chunk`` does for Gemma 3 (a ``llama_batch`` with ``embd`` set,
-consecutive positions, causal attention off for the image) without needing a libmtmd context, so
-the ONNX image path works with no mmproj loaded. ``tests/test_kv_prefix.py`` checks the logits
-equal libmtmd's own helper's exactly.
+Only the bookkeeping lives here (pure Python); dropping positions from llama.cpp's cache and
+feeding image embeddings to it are in :mod:`edge.medgemma.llama_binding`.
 """
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-
-import numpy as np
-
-from edge.errors import ResourceError
 
 IMAGE_START, IMAGE_END = "<start_of_image>", "<end_of_image>"  # what libmtmd wraps a Gemma 3 image in
 
@@ -61,6 +53,7 @@ def split_prompt(text: str, marker: str, tokenize) -> list[Segment]:
 
 
 def identities(segments: list[Segment]) -> list:
+    """The identity of every position of ``segments``: token ids, ``(key, i)`` for image positions."""
     ids: list = []
     for seg in segments:
         if isinstance(seg, ImageSegment):
@@ -87,41 +80,3 @@ def reusable_prefix(held: list, wanted: list, *, keep_last: bool = True) -> int:
             break
         k += 1
     return min(_image_start(held, k), _image_start(wanted, k))
-
-
-def decode_embeddings(ctx, embd: np.ndarray, n_past: int, *, n_batch: int, non_causal: bool = True) -> None:
-    """Put ``embd`` ([n, n_embd] float32) at positions ``n_past..n_past+n-1`` of sequence 0."""
-    import llama_cpp
-
-    n, n_embd = embd.shape
-    if non_causal and n > n_batch:
-        raise ResourceError(f"an image of {n} tokens needs a batch of at least {n} (have {n_batch})")
-    data = np.ascontiguousarray(embd, dtype=np.float32)
-    batch = llama_cpp.llama_batch_init(min(n, n_batch), n_embd, 1)
-    try:
-        if non_causal:
-            llama_cpp.llama_set_causal_attn(ctx, False)
-        for start in range(0, n, n_batch):
-            m = min(n_batch, n - start)
-            ctypes.memmove(batch.embd, data[start : start + m].ctypes.data, m * n_embd * 4)
-            for j in range(m):
-                batch.pos[j] = n_past + start + j
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
-                batch.logits[j] = False
-            batch.n_tokens = m
-            rc = llama_cpp.llama_decode(ctx, batch)
-            if rc != 0:
-                raise ResourceError(f"llama.cpp failed to decode the image embeddings (code {rc})")
-    finally:
-        if non_causal:
-            llama_cpp.llama_set_causal_attn(ctx, True)
-        llama_cpp.llama_batch_free(batch)
-
-
-def remove_from(ctx, pos: int) -> bool:
-    """Drop positions ``pos..`` of sequence 0 from the KV cache; False if the cache can't."""
-    import llama_cpp
-
-    mem = llama_cpp.llama_get_memory(ctx)
-    return bool(llama_cpp.llama_memory_seq_rm(mem, 0, pos, -1))

@@ -1,30 +1,51 @@
-"""Loading MedGemma's pieces: which image encoder, the llama.cpp model with its weight-repacking
-switch, and libmtmd's logs. Helpers of :class:`edge.llm.MedGemma`, kept apart from the
-generation code."""
+"""Loading MedGemma, step by step: which files of the bundle (verified), whether they fit in memory,
+the llama.cpp text model, and the image encoder. :class:`edge.medgemma.model.MedGemma` runs these
+steps in order; the llama-cpp-python specifics are in :mod:`edge.medgemma.llama_binding`."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import logging
-import threading
+import os
 from pathlib import Path
+from typing import Any
 
+from edge import settings as edge_settings
 from edge.bundle.manifest import Bundle
-from edge.errors import InputError, UsageError
+from edge.device import accel, resources
+from edge.errors import InputError, ResourceError, UsageError
+from edge.medgemma import llama_binding
+from edge.medgemma.settings import MedGemmaSettings
+from edge.medgemma.vision import MmprojImageEncoder, OnnxImageEncoder
 
 log = logging.getLogger("edge.medgemma.model")
-_PARAMS_LOCK = threading.Lock()
 
 
-def quiet_native_logs() -> None:
-    """Route libmtmd's logs through llama-cpp-python's logger (silent unless verbose)."""
-    import llama_cpp._logger as llog
-    import llama_cpp.mtmd_cpp as mtmd
+def resolve_settings(settings: MedGemmaSettings | None, overrides: dict[str, Any]) -> MedGemmaSettings:
+    """``settings`` (default: the defaults) with the non-None ``overrides`` applied, each checked.
 
-    for setter in (mtmd.mtmd_log_set, mtmd.mtmd_helper_log_set):
-        setter(llog.llama_log_callback, ctypes.c_void_p(0))
-    llog.set_verbose(log.isEnabledFor(logging.DEBUG))
+    Raises:
+        UsageError: ``settings`` is not a MedGemmaSettings, or an override is unknown or bad.
+    """
+    if settings is None:
+        settings = MedGemmaSettings()
+    elif not isinstance(settings, MedGemmaSettings):
+        raise UsageError(f"MedGemma's settings must be a MedGemmaSettings, not {type(settings).__name__}")
+    return edge_settings.overrides(settings, **overrides)
+
+
+def choose_files(bundle: Bundle, comp: dict, settings: MedGemmaSettings) -> tuple[dict, dict | None]:
+    """The manifest entries of the text model and the image encoder (None: no images), verified.
+
+    Raises:
+        InputError / IntegrityError: a file is missing or does not match the manifest.
+    """
+    s = settings
+    text_entry = bundle.file("medgemma", "text", **({"quant": s.quant} if s.quant else {}))
+    encoder_entry = choose_encoder(bundle, comp, s.image_encoder, s.mmproj_type) if s.vision else None
+    wanted = {text_entry["path"]} | ({encoder_entry["path"]} if encoder_entry else set())
+    bundle.verify(component="medgemma", paths=wanted).raise_for_failure()
+    return text_entry, encoder_entry
 
 
 def choose_encoder(bundle: Bundle, comp: dict, choice: str, mmproj_type: str | None = None) -> dict | None:
@@ -56,22 +77,92 @@ def image_patches(comp: dict, encoder_entry: dict | None) -> int:
     return (int(size) // 14) ** 2
 
 
-def load_llama(path: Path, *, repack: bool, **kwargs):
-    """llama_cpp.Llama, with llama.cpp's weight repacking switched as asked (the binding has no
-    argument for ``use_extra_bufts``, so its default model params are wrapped while it loads)."""
-    import llama_cpp.llama_cpp as lc
-    from llama_cpp import Llama
+def check_memory(
+    bundle: Bundle,
+    comp: dict,
+    text_entry: dict,
+    encoder_entry: dict | None,
+    header,
+    settings: MedGemmaSettings,
+) -> resources.MemoryEstimate:
+    """The memory the model needs with these settings.
 
-    with _PARAMS_LOCK:
-        default = lc.llama_model_default_params
+    Raises:
+        ResourceError: the estimate exceeds free memory (unless ``settings.check_memory`` is off).
+    """
+    s = settings
+    estimate = resources.estimate(
+        bundle.path(text_entry),
+        header,
+        encoder=bundle.path(encoder_entry) if encoder_entry else None,
+        image_patches=image_patches(comp, encoder_entry),
+        n_ctx=s.n_ctx,
+        kv_type=s.kv_type,
+        repack=s.repack,
+        swa_full=s.swa_full,
+    )
+    if s.check_memory:
+        free = resources.available_memory()
+        if estimate.total > free:
+            raise ResourceError(
+                f"this device has {free / 2**30:.2f} GiB free but {text_entry['path']} at context {s.n_ctx} "
+                f"needs about {estimate.describe()}; use a smaller quantization, --ctx "
+                f"or a smaller --profile"
+            )
+    return estimate
 
-        def params():
-            p = default()
-            p.use_extra_bufts = repack
-            return p
 
-        lc.llama_model_default_params = params
-        try:
-            return Llama(model_path=str(path), **kwargs)
-        finally:
-            lc.llama_model_default_params = default
+def load_text_model(path: Path, header, settings: MedGemmaSettings) -> tuple[Any, int, int]:
+    """The GGUF loaded into llama.cpp. Returns (the ``llama_cpp.Llama``, the context length it
+    has, the threads it uses); the context is capped at the model's training length."""
+    s = settings
+    n_ctx_train = int(header.arch_key("context_length", s.n_ctx) or s.n_ctx)
+    n_threads = s.n_threads or os.cpu_count() or 1
+    llama_binding.quiet_native_logs(verbose=log.isEnabledFor(logging.DEBUG))
+    accel.load_backends()
+    llama = llama_binding.load_llama(
+        path,
+        repack=s.repack,
+        n_ctx=min(s.n_ctx, n_ctx_train),
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        flash_attn=s.flash_attn,
+        use_mmap=s.use_mmap,
+        seed=s.seed,
+        type_k=s.ggml_kv_type,
+        type_v=s.ggml_kv_type,
+        swa_full=s.swa_full,
+        n_gpu_layers=accel.llama_gpu_layers(s.gpu_layers),
+        verbose=log.isEnabledFor(logging.DEBUG),
+    )
+    n_ctx = min(s.n_ctx, n_ctx_train, llama.n_ctx())  # llama.cpp may pad its own upwards
+    return llama, n_ctx, n_threads
+
+
+def load_image_encoder(
+    bundle: Bundle, entry: dict | None, settings: MedGemmaSettings, *, llama, threads: int
+) -> OnnxImageEncoder | MmprojImageEncoder | None:
+    """The image encoder of ``entry`` (the ONNX graph, or the mmproj over ``llama``'s model);
+    None without one."""
+    if entry is None:
+        return None
+    s, path = settings, bundle.path(entry)
+    if entry["role"] == "vision-onnx":
+        return OnnxImageEncoder(path, entry, threads=threads, gpu=s.image_gpu, keep=s.keep_encoder)
+    return MmprojImageEncoder(
+        path, entry, llama.model, threads=threads, flash_attn=s.flash_attn, gpu=s.gpu_layers != 0
+    )
+
+
+def describe(bundle: Bundle, comp: dict, text_entry: dict, encoder_entry: dict | None, n_ctx: int) -> dict:
+    """What was loaded, as ``MedGemma.info`` and every answer's ``model`` report it."""
+    source = comp.get("source", {})
+    return {
+        "bundle": str(bundle.root),
+        "text": text_entry["path"],
+        "quant": text_entry.get("quant"),
+        "image_encoder": encoder_entry["path"] if encoder_entry else None,
+        "n_ctx": n_ctx,
+        "source": source.get("description") or source.get("model_id"),
+        "synthetic": bool(source.get("synthetic")),
+    }

@@ -1,4 +1,4 @@
-"""Load a bundle's model files only after they verify (minimal; the full runtime is edge/llm.py).
+"""Load a bundle's model files only after they verify (minimal; the full runtime is edge.medgemma.model).
 
 Hashing a 2.5 GB GGUF at every start is slow on a phone, so loading trusts the verify stamp
 (keyed by size and mtime) that an earlier successful verify left, and re-hashes a file whose size

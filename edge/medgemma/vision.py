@@ -1,7 +1,7 @@
 """MedGemma's image encoders: one image in, the language model's image embeddings out.
 
 Two interchangeable encoders give the ``[n_tokens, n_embd]`` float32 array that
-:mod:`edge.kv_prefix` feeds to llama.cpp:
+:func:`edge.medgemma.llama_binding.decode_embeddings` feeds to llama.cpp:
 
 * :class:`OnnxImageEncoder` — the vision tower + projector exported to ONNX at export time
   (``medgemma/vision-*.onnx``, fused attention, int8 weights), run by onnxruntime. The fast
@@ -56,9 +56,15 @@ class OnnxImageEncoder:
         return self.session
 
     def tokens_for(self, image: LoadedImage) -> int:
+        """How many positions ``image`` takes in the prompt (the same for every image)."""
         return self.n_tokens
 
     def encode(self, image: LoadedImage, n_embd: int) -> np.ndarray:
+        """``image`` → its embeddings ``[n_tokens, n_embd]`` float32.
+
+        Raises:
+            InputError: the graph's output does not fit the language model.
+        """
         from edge.medsiglip.preprocess import image_to_pixels
 
         pixels = image_to_pixels(image.image, self.spec)[None]  # [1, 3, S, S]
@@ -75,6 +81,7 @@ class OnnxImageEncoder:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def close(self) -> None:
+        """Give the onnxruntime session back (it opens again on the next image)."""
         self.session = None
 
 
@@ -104,8 +111,13 @@ class MmprojImageEncoder:
         self.file_bytes = path.stat().st_size
 
     @contextlib.contextmanager
-    def _image_chunk(self, image: LoadedImage):
-        """libmtmd's chunk for ``image`` alone (its own preprocessing: resize, normalize)."""
+    def image_chunk(self, image: LoadedImage):
+        """A context manager giving libmtmd's image chunk for ``image`` alone (libmtmd's own
+        preprocessing: resize, normalize), freed on exit. Sets :attr:`n_tokens`.
+
+        Raises:
+            InputError: libmtmd can't take or preprocess the image.
+        """
         import llama_cpp.mtmd_cpp as mtmd_cpp
 
         rgb = np.ascontiguousarray(np.asarray(image.image, dtype=np.uint8))
@@ -133,15 +145,17 @@ class MmprojImageEncoder:
             mtmd_cpp.mtmd_bitmap_free(bitmap)
 
     def tokens_for(self, image: LoadedImage) -> int:
+        """How many positions ``image`` takes in the prompt."""
         if self.n_tokens is None:  # Gemma 3: the same count for every image; learn it once
-            with self._image_chunk(image):
+            with self.image_chunk(image):
                 pass
         return self.n_tokens
 
     def encode(self, image: LoadedImage, n_embd: int) -> np.ndarray:
+        """``image`` → its embeddings ``[n_tokens, n_embd]`` float32, through libmtmd."""
         import llama_cpp.mtmd_cpp as mtmd_cpp
 
-        with self._image_chunk(image) as chunk:
+        with self.image_chunk(image) as chunk:
             if mtmd_cpp.mtmd_encode_chunk(self.ctx, chunk) != 0:
                 raise InputError("llama.cpp failed to encode the image")
             out = mtmd_cpp.mtmd_get_output_embd(self.ctx)
@@ -149,6 +163,7 @@ class MmprojImageEncoder:
             return np.ctypeslib.as_array(out, shape=(n * n_embd,)).copy().reshape(n, n_embd)
 
     def close(self) -> None:
+        """Free the libmtmd context."""
         if self.ctx:
             import llama_cpp.mtmd_cpp as mtmd_cpp
 

@@ -46,7 +46,13 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self._mem)
 
+    def values(self) -> list[np.ndarray]:
+        """The entries held in memory (read-only arrays), least recently used first."""
+        with self._lock:
+            return list(self._mem.values())
+
     def get(self, key: str) -> np.ndarray | None:
+        """The embeddings stored under ``key`` (memory, then disk), or None; counts a hit or miss."""
         with self._lock:
             arr = self._mem.get(key)
             if arr is not None:
@@ -63,6 +69,8 @@ class ImageCache:
             return arr
 
     def put(self, key: str, arr: np.ndarray) -> None:
+        """Keep ``arr`` under ``key`` in memory (evicting the least recently used past the budget)
+        and, with a ``disk_dir``, on disk."""
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         arr.setflags(write=False)
         with self._lock:

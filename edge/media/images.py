@@ -1,7 +1,7 @@
 """Images in: PNG, JPEG (and anything else Pillow reads) and DICOM → an 8-bit RGB picture.
 
 Both models take 8-bit RGB: MedGemma's projector (through llama.cpp) and MedSigLIP's tower (its
-own resize/normalize in edge.siglip_preprocess). This module does everything before that:
+own resize/normalize in edge.medsiglip.preprocess). This module does everything before that:
 limits against huge files and decompression bombs (checked from the header, before any pixel
 is decoded), EXIF orientation, 16-bit and palette images, and for DICOM the modality LUT,
 windowing (the file's window, else the 0.5–99.5 percentile range), MONOCHROME1 inversion,

@@ -1,7 +1,7 @@
 """MedSigLIP on the device: batched image/text embeddings and zero-shot scores, onnxruntime only.
 
-Builds on :mod:`edge.encoder` (which verifies each tower file and opens its onnxruntime session)
-and :mod:`edge.siglip_preprocess` (the bundle's own resize/normalize spec and tokenizer):
+Builds on :mod:`edge.medsiglip.onnx_towers` (which verifies each tower file and opens its onnxruntime session)
+and :mod:`edge.medsiglip.preprocess` (the bundle's own resize/normalize spec and tokenizer):
 
 ```
 enc = MedSigLIP(bundle, precision="int8", threads=2)
@@ -10,7 +10,7 @@ txt = enc.embed_texts(["a chest x-ray showing ..."])  # [N, D]; the text session
 res = enc.classify(path_or_pil, label_set="cxr")     # ranked labels, SigLIP sigmoid scores
 ```
 
-Images go through :func:`edge.images.load_image` (PNG/JPEG/DICOM with the same limits as the
+Images go through :func:`edge.media.images.load_image` (PNG/JPEG/DICOM with the same limits as the
 LLM path) when given as paths or bytes. Work runs in batches; a ``threading.Event`` passed as
 ``cancel`` stops it between batches with :class:`edge.errors.Cancelled`.
 

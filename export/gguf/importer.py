@@ -1,7 +1,7 @@
 """``import medgemma``: put a GGUF made elsewhere (llama.cpp releases, Ollama, LM Studio) into a bundle.
 
 The file is checked (a Gemma 3 text model; an mmproj whose projection width is the text model's
-embedding width), copied or hard-linked into the bundle through :class:`edge.bundle.BundleWriter`
+embedding width), copied or hard-linked into the bundle through :class:`edge.bundle.write.BundleWriter`
 (atomic), hashed, and recorded as *imported*: no fidelity figures, provenance unknown unless the
 user says. The prompt spec is the GGUF's own chat template when it has one, else the registry's.
 No torch: this runs on a device too.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edge.bundle import registry
 from edge.bundle.gguf_header import GGUFHeader, read_header
-from edge.bundle.manifest import BundleWriter
+from edge.bundle.write import BundleWriter
 from edge.errors import InputError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,13 @@ def import_gguf(
             q = _quant(h) if role == "text" else _quant(h).lower()
             rel = f"{COMPONENT}/{role}-{q}.gguf"
             _place(h.path, w.path(rel), link)
-            facts = {"architecture": h.architecture, "tensors": len(h.tensors)}
-            if h.vocab_size:
-                facts["vocab"] = h.vocab_size
             size = h.path.stat().st_size
             files.append(
                 w.add_file(
                     rel,
                     role=role,
                     quant=q,
-                    gguf=facts,
+                    gguf=h.facts(),
                     ram_bytes=int(size * 1.2) + (64 << 20),
                     ram_basis="file + 20% + 64 MiB (imported: no architecture-specific estimate)",
                     imported_from=h.path.name,

@@ -1,7 +1,7 @@
 """Fidelity of exported MedSigLIP towers against transformers, on fixed inputs.
 
 The reference is transformers' ``SiglipModel`` fed by transformers' ``SiglipProcessor``; the
-exported towers are fed by the device-side preprocessing (``edge.siglip_preprocess``), so the
+exported towers are fed by the device-side preprocessing (``edge.medsiglip.preprocess``), so the
 figures cover the whole device path. Per precision: cosine (min/mean) and max abs difference
 of the raw embeddings, for images and texts, and zero-shot agreement per label set (the top
 label from the exported vision tower against the stored label embeddings, vs the reference).

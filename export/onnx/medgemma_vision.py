@@ -7,7 +7,7 @@ in shared/FINDINGS.md. This module exports ``pixel_values [batch, 3, S, S] → i
 onnxruntime's transformer optimizer (eager attention exported, then the CLIP fusion pattern,
 which matches SigLIP's), quantizes weights to int8 dynamically, measures cosine against
 transformers, and adds the file to the bundle's ``medgemma`` component. The runtime feeds the
-embeddings to llama.cpp exactly as it feeds cached ones (edge/llm.py), so the mmproj stays the
+embeddings to llama.cpp exactly as it feeds cached ones (edge/medgemma/model.py), so the mmproj stays the
 fallback.
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle.manifest import BundleWriter, open_bundle
+from edge.bundle.manifest import open_bundle
+from edge.bundle.write import BundleWriter
 from edge.errors import InputError, UsageError, require
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _load_reference(src: Path):
 
 def preprocess_spec(src: Path, model) -> dict:
     """What the device must do to an RGB image before the graph (Gemma3ImageProcessor's steps),
-    in edge.siglip_preprocess.ImageSpec's JSON form, plus the number of image tokens."""
+    in edge.medsiglip.preprocess.ImageSpec's JSON form, plus the number of image tokens."""
     from edge.medsiglip.preprocess import RESAMPLE_NAMES, ImageSpec
 
     pp = json.loads((src / "preprocessor_config.json").read_text())

