@@ -105,3 +105,24 @@ def test_medsiglip_precision_follows_the_profile_when_the_bundle_has_it(medsigli
         opts = profiles.medsiglip_settings(b, name)
         assert opts.precision is None or opts.precision in have
     assert profiles.medsiglip_settings(b, "phone-4GB").precision == ("int8" if "int8" in have else None)
+
+
+def test_a_setting_reaches_the_profile_the_flags_the_bridge_and_the_model(twin_llm_bundle):
+    """One field of MedGemmaSettings (n_batch) is a profile key, a flag, a checked value and what
+    llama.cpp gets; the bridge refuses it (not a client-settable field) with invalid_request."""
+    from android_bridge.protocol import ProtocolError
+    from android_bridge.runtime import Runtime
+    from edge.medgemma.model import MedGemma
+    from medgemma_edge.cli import build_parser
+
+    b = open_bundle(twin_llm_bundle)
+    assert profiles.medgemma_settings(b, "laptop-8GB")[1].n_batch == 512
+    assert profiles.medgemma_settings(b, "laptop-8GB", n_batch=256)[1].n_batch == 256
+    args = build_parser("ask").parse_args(["ask", "q", "--n-batch", "256"])
+    assert args.n_batch == 256
+    with pytest.raises(UsageError, match="n_batch must be at least 32"):
+        profiles.medgemma_settings(b, "laptop-8GB", n_batch=8)
+    with pytest.raises(ProtocolError, match="unknown load option for medgemma: n_batch"):
+        Runtime(twin_llm_bundle).settings_for("medgemma", {"n_batch": 256})
+    with MedGemma(b, n_ctx=256, n_batch=256, vision=False) as m:
+        assert m.llama.n_batch == 256

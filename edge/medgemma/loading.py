@@ -100,6 +100,7 @@ def check_memory(
         kv_type=s.kv_type,
         repack=s.repack,
         swa_full=s.swa_full,
+        n_batch=s.n_batch,
     )
     if s.check_memory:
         free = resources.available_memory()
@@ -124,6 +125,7 @@ def load_text_model(path: Path, header, settings: MedGemmaSettings) -> tuple[Any
         path,
         repack=s.repack,
         n_ctx=min(s.n_ctx, n_ctx_train),
+        n_batch=s.n_batch,
         n_threads=n_threads,
         n_threads_batch=n_threads,
         flash_attn=s.flash_attn,

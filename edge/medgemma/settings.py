@@ -32,6 +32,13 @@ class MedGemmaSettings:
         None, "CPU threads (0: all cores)", flag="--threads", profile="threads", minimum=0, maximum=1024
     )
     kv_type: str = setting("f16", "KV cache type", choices=tuple(KV_TYPES))
+    n_batch: int = setting(
+        512,
+        "prompt tokens evaluated per batch (an image's tokens go in one batch: keep it at least 256)",
+        minimum=32,
+        maximum=8192,
+        remote=False,
+    )
     flash_attn: bool = setting(True, "flash attention (1.7x faster image encoding on a 2-core CPU)")
     use_mmap: bool = setting(
         True, "map the weights instead of reading them into RAM", flag="--no-mmap", remote=False
