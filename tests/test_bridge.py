@@ -298,3 +298,25 @@ def test_prepare_image_is_busy_while_generating_and_refused_by_a_text_model(twin
     assert replies[-1]["finish_reason"] == "cancelled"
     text_only = call(small_bridge, {"v": 1, "id": "p", "op": "prepare_image", "params": {"image": image}})
     assert text_only[0]["error"]["code"] == "invalid_request" and "image" in text_only[0]["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"n_ctx": True}, "n_ctx must be a whole number"),
+        ({"n_ctx": 8}, "n_ctx must be at least 16"),
+        ({"kv_type": "q2"}, "kv_type must be one of"),
+        ({"flash_attn": 1}, "flash_attn must be true or false"),
+        ({"check_memory": False}, "unknown load option for medgemma: check_memory"),
+        ([1, 2], "must be an object"),
+    ],
+)
+def test_load_options_are_checked_against_the_settings_before_loading(twin_llm_bundle, options, says):
+    bridge = make_bridge(bundle=twin_llm_bundle)
+    out = call(
+        bridge, {"v": 1, "id": "l1", "op": "load", "params": {"model": "medgemma", "options": options}}
+    )
+    assert out[0]["type"] == "error" and out[0]["error"]["code"] == "invalid_request", out
+    assert says in out[0]["error"]["message"]
+    assert out[-1]["type"] == "done" and out[-1]["finish_reason"] == "error"
+    assert bridge.runtime.slots["medgemma"].state == "uninitialized"  # nothing was loaded
