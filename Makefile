@@ -15,13 +15,17 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench bench-export lint deps wheelhouse clean
+.PHONY: demo test fuzz bench bench-export lint deps wheelhouse clean
 
 demo: $(DEPS_STAMP)
 	$(BIN)/medgemma-edge demo
 
 test: $(DEPS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the fuzz suite's long profile (25x the examples make test runs, random, with a database)
+fuzz: $(DEPS_STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz.py -q
 
 bench: $(DEPS_STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -18,6 +18,7 @@ reached (a generation stops within one token; other ops drop their result).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -26,14 +27,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from android_bridge import media
-from android_bridge.pictures import THUMBNAIL_SIDES, Thumbnails
+from android_bridge import media, ops, params
+from android_bridge.pictures import Thumbnails
 from android_bridge.protocol import (
-    OPS,
-    VERSION,
     ProtocolError,
     Request,
     done,
+    dumps,
     error,
     error_from_exception,
     event,
@@ -41,23 +41,46 @@ from android_bridge.protocol import (
     request_id,
     result,
 )
-from android_bridge.runtime import RETRY_AFTER_S, Runtime, classification
-from edge import __version__
-from edge.errors import Busy, EdgeError
+from android_bridge.runtime import RETRY_AFTER_S, Runtime
+from android_bridge.settings import Limits
+from edge.errors import EdgeError
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict], None]
-MAX_K = 100
+
+
+class Deadline(threading.Event):
+    """A request's cancel flag that also turns itself on at a wall-clock deadline.
+
+    Everything that stops on a cancel (a generation within one token, image encoding, the
+    embedding loops) checks ``is_set()``, so the per-request time limit needs no timer thread.
+    """
+
+    def __init__(self, timeout_s: float = 0.0):
+        super().__init__()
+        self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+        self.timeout_s = timeout_s
+        self.timed_out = False
+
+    def is_set(self) -> bool:
+        if super().is_set():
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.timed_out = True
+            self.set()
+            return True
+        return False
 
 
 @dataclass
 class Context:
-    """One running request: its id and params, its emitter and its cancel flag."""
+    """One running request: its id and params, its emitter, its cancel flag and image budget."""
 
     req: Request
     emit: Emit
     cancel: threading.Event
     after: list[Callable[[], None]] = field(default_factory=list)
+    budget: media.ImageBudget = field(default_factory=media.ImageBudget)
 
     @property
     def id(self) -> str:
@@ -67,20 +90,16 @@ class Context:
         self.emit(event(self.id, kind, **fields))
 
 
-@dataclass
-class Outcome:
-    value: dict | None
-    finish_reason: str = "stop"
-    usage: dict | None = None
-    timings: dict = field(default_factory=dict)
-
-
 class Bridge:
     """Requests in, replies out, over a :class:`Runtime`."""
 
-    def __init__(self, runtime: Runtime, *, allow_paths: bool = True, workers: int = 8):
+    def __init__(
+        self, runtime: Runtime, *, allow_paths: bool = True, workers: int = 8, limits: Limits | None = None
+    ):
         self.runtime = runtime
         self.allow_paths = allow_paths
+        self.limits = limits or Limits()
+        self._inflight = 0  # submitted and not finished (queued for a worker or running)
         self.transports: list[str] = ["in-process"]
         self.shutdown_hooks: list[Callable[[], None]] = []
         self.shutting_down = threading.Event()
@@ -92,32 +111,97 @@ class Bridge:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bridge")
 
     def submit(self, raw: Any, emit: Emit, then: Callable[[], None] | None = None) -> Future:
-        """Run ``handle(raw, emit)`` on the bridge's worker threads; ``then()`` runs after it."""
+        """Run ``handle(raw, emit)`` on the bridge's worker threads; ``then()`` runs after it.
+
+        At most ``limits.max_active_requests`` are in flight (queued or running): past that a
+        request is answered ``busy`` at once, on the caller's thread, and nothing is queued,
+        except ``health`` and ``cancel``, which are answered inline (they take no time) so that a
+        client can always see the state and stop what runs.
+        """
+        with self._lock:
+            full = self._inflight >= self.limits.max_active_requests
+            if not full:
+                self._inflight += 1
+        if full:
+            return self._refuse(raw, emit, then)
 
         def run() -> None:
             try:
                 self.handle(raw, emit)
             finally:
+                with self._lock:
+                    self._inflight -= 1
                 if then is not None:
                     then()
 
-        return self._pool.submit(run)
+        try:
+            return self._pool.submit(run)
+        except RuntimeError:  # the pool is shut down: the runtime is stopping
+            with self._lock:
+                self._inflight -= 1
+            return self._refuse(raw, emit, then, why="the runtime is shutting down")
+
+    def _refuse(self, raw: Any, emit: Emit, then: Callable[[], None] | None, *, why: str = "") -> Future:
+        future: Future = Future()
+        try:
+            op = _op_of(raw)
+            if op in ("health", "cancel") and not why:
+                self.handle(raw, emit)
+            else:
+                rid = request_id(raw)
+                safe = _SafeEmit(emit)
+                if why:
+                    safe(error(rid, "not_loaded", why))
+                else:
+                    n = self.limits.max_active_requests
+                    safe(
+                        error(
+                            rid,
+                            "busy",
+                            f"{n} requests are in flight already (the limit)",
+                            retry_after=RETRY_AFTER_S,
+                        )
+                    )
+                safe(done(rid, "error"))
+                log.info("bridge: refused %s (%s)", rid, why or "too many requests in flight")
+        finally:
+            if then is not None:
+                then()
+            future.set_result(None)
+        return future
 
     # -- the core ----------------------------------------------------------------------------
 
     def handle(self, raw: Any, emit: Emit) -> str:
-        """Run one request (bytes, str or dict); replies go to ``emit``. Returns the finish reason."""
-        t0 = time.perf_counter()
+        """Run one request (bytes, str or dict); replies go to ``emit``. Returns the finish reason.
+
+        Never raises: whatever happens, ``emit`` gets exactly one ``done``, last. A failure the
+        request caused is a typed error; ``internal`` means a bug, logged with the request id.
+        """
         safe = _SafeEmit(emit)
         try:
-            req = parse_request(raw)
-        except ProtocolError as exc:
+            return self._handle(raw, safe)
+        except Exception:  # a bug in the bridge itself: still end the stream
             rid = request_id(raw)
-            safe(error(rid, exc.code, str(exc)))
+            log.exception("bridge: %s failed outside its op", rid)
+            if not safe.done_sent:
+                safe(error(rid, "internal", "internal error; see the runtime's log"))
+                safe(done(rid, "error"))
+            return "error"
+
+    def _handle(self, raw: Any, safe: _SafeEmit) -> str:
+        t0 = time.perf_counter()
+        req = None
+        try:
+            req = parse_request(raw)
+            params.check(req.op, req.params)
+        except ProtocolError as exc:
+            rid = req.id if req is not None else exc.request_id
+            safe(error(rid, exc.code, str(exc), retry_after=exc.retry_after))
             safe(done(rid, "error"))
             log.info("bridge: rejected request %s (%s)", rid, exc.code)
             return "error"
-        cancel = threading.Event()
+        cancel = Deadline(self.limits.request_timeout_s)
         safe.on_failure = cancel.set  # a client that went away cancels its request
         with self._lock:
             duplicate = req.id in self._active
@@ -127,12 +211,17 @@ class Bridge:
             safe(error(req.id, "invalid_request", f"request id {req.id!r} is already running"))
             safe(done(req.id, "error"))
             return "error"
-        ctx = Context(req, safe, cancel)
+        ctx = Context(
+            req,
+            safe,
+            cancel,
+            budget=media.ImageBudget(self.limits.max_images, self.limits.max_request_pixels),
+        )
         outcome, failure = None, None
         try:
             if self.shutting_down.is_set() and req.op not in ("health", "cancel"):
                 raise ProtocolError("not_loaded", "the runtime is shutting down")
-            outcome = getattr(self, f"_op_{req.op}")(ctx)
+            outcome = ops.HANDLERS[req.op](self, ctx)
         except Exception as exc:
             failure = exc
             if not isinstance(exc, EdgeError):
@@ -144,6 +233,9 @@ class Bridge:
         total = {"total_s": time.perf_counter() - t0}
         if cancelled:
             finish = "cancelled"
+            if cancel.timed_out:
+                limit = self.limits.request_timeout_s
+                safe(error(req.id, "cancelled", f"the request ran past the runtime's {limit:g} s limit"))
             safe(done(req.id, finish, usage=outcome.usage if outcome else None, timings=total))
         elif failure is not None:
             finish = "error"
@@ -160,7 +252,7 @@ class Bridge:
             req.id,
             req.op,
             finish,
-            f" ({code})" if code else "",
+            f" ({code})" if code else (" (timed out)" if cancel.timed_out else ""),
             total["total_s"],
         )
         for hook in ctx.after:
@@ -213,205 +305,13 @@ class Bridge:
         t.start()
         return t
 
-    # -- ops -------------------------------------------------------------------------------------
 
-    def _op_health(self, ctx: Context) -> Outcome:
-        rt = self.runtime
-        return Outcome(
-            {
-                "protocol": VERSION,
-                "versions": _versions(),
-                "capabilities": {
-                    "ops": list(OPS),
-                    "transports": list(self.transports),
-                    "concurrency": "busy",
-                    "images": getattr(rt.slots["medgemma"].model, "media_marker", None) is not None,
-                    "image_sources": ["base64", "data_url"] + (["path"] if self.allow_paths else []),
-                    "medgemma": rt.available("medgemma"),
-                    "medsiglip": rt.available("medsiglip"),
-                    "index": rt.index is not None or rt.index_dir is not None,
-                },
-                "models": rt.states(),
-                "active_requests": self.active,
-                "shutting_down": self.shutting_down.is_set(),
-            }
-        )
-
-    def _model_param(self, ctx: Context) -> str:
-        name = ctx.req.params.get("model", "medgemma")
-        if name not in self.runtime.slots:
-            raise ProtocolError("invalid_request", f"unknown model {name!r}; medgemma or medsiglip")
-        return name
-
-    def _op_load(self, ctx: Context) -> Outcome:
-        name = self._model_param(ctx)
-        options = ctx.req.params.get("options") or {}
-        self.runtime.settings_for(name, options)  # a bad option fails here, before "loading"
-        slot = self.runtime.slots[name]
-        if slot.model is None:
-            ctx.event("state", model=name, state="loading")
-        last = [0.0]
-
-        def progress(stage: str, n: int, total: int) -> None:
-            now = time.monotonic()
-            if n in (0, total) or now - last[0] > 0.2:  # at most ~5 events a second
-                last[0] = now
-                ctx.event("progress", stage=stage, done=n, total=total)
-
-        try:
-            state = self.runtime.load(name, options=options, progress=progress)
-        except ProtocolError:
-            raise
-        except Exception:
-            ctx.event("state", model=name, state="error")
-            raise
-        ctx.event("state", model=name, state=state["state"])
-        return Outcome({"model": name, **state})
-
-    def _op_unload(self, ctx: Context) -> Outcome:
-        name = self._model_param(ctx)
-        return Outcome({"model": name, **self.runtime.unload(name)})
-
-    def _op_generate(self, ctx: Context) -> Outcome:
-        from edge.medgemma.model import DISCLAIMER
-
-        model = self.runtime.require("medgemma")
-        messages, images = media.conversation(ctx.req.params, allow_paths=self.allow_paths)
-        options = media.generate_options(ctx.req.params)
-
-        def progress(stage: str, n: int, total: int) -> None:
-            ctx.event("progress", stage=stage, done=n, total=total)
-
-        text, last = "", None
-        try:
-            stream = model.stream(
-                messages, images=images, options=options, cancel=ctx.cancel, progress=progress, wait=False
-            )
-            for piece in stream:
-                if piece.text:
-                    text += piece.text
-                    ctx.event("token", text=piece.text, n_tokens=piece.n_tokens)
-                last = piece
-        except Busy as exc:
-            raise ProtocolError("busy", str(exc), retry_after=RETRY_AFTER_S) from None
-        value = {"text": text, "disclaimer": DISCLAIMER, "model": dict(model.info)}
-        if options.schema is not None:
-            value |= {"parsed": last.parsed, "schema_errors": last.schema_errors}
-        return Outcome(value, last.finish_reason, last.usage, dict(last.timings))
-
-    def _op_prepare_image(self, ctx: Context) -> Outcome:
-        """Encode images for MedGemma ahead of the question (a page starts this when an image
-        is dropped, while the user types); a later generate with them hits the image cache."""
-        model = self.runtime.require("medgemma")
-        prepare = getattr(model, "prepare_image", None)
-        if prepare is None:
-            raise ProtocolError(
-                "not_loaded", "this MedGemma can't encode images ahead; generate encodes them"
-            )
-        images = [media.load(src, allow_paths=self.allow_paths) for src in media.image_list(ctx.req.params)]
-        stats = {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
-        out = []
-        for i, image in enumerate(images):
-
-            def progress(stage: str, n: int, total: int, i: int = i) -> None:
-                ctx.event("progress", stage="image", done=i * total + n, total=len(images) * total)
-
-            try:
-                # the first image also prefills the conversation's opening (see MedGemma.prepare_image)
-                got = prepare(image, progress=progress, cancel=ctx.cancel, wait=False, prefill=i == 0)
-            except Busy as exc:
-                raise ProtocolError("busy", str(exc), retry_after=RETRY_AFTER_S) from None
-            if ctx.cancel.is_set():
-                break
-            out.append({"cached": bool(got["cached"]), "encode_s": float(got["encode_s"])})
-            stats["image_encode_s"] += out[-1]["encode_s"]
-            stats["image_cache_hits" if out[-1]["cached"] else "image_cache_misses"] += 1
-        return Outcome({"images": out}, timings=stats)
-
-    def _op_embed_image(self, ctx: Context) -> Outcome:
-        encoder = self.runtime.require("medsiglip")
-        images = [media.load(src, allow_paths=self.allow_paths) for src in media.image_list(ctx.req.params)]
-
-        def progress(n: int, total: int) -> None:
-            ctx.event("progress", stage="embed", done=n, total=total)
-
-        return Outcome(_embeddings(encoder.embed_images(images, cancel=ctx.cancel, progress=progress)))
-
-    def _op_embed_text(self, ctx: Context) -> Outcome:
-        encoder = self.runtime.require("medsiglip")
-        texts = ctx.req.params.get("texts", [ctx.req.params["text"]] if "text" in ctx.req.params else None)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ProtocolError("invalid_request", "embed_text needs 'texts': a non-empty list of strings")
-        return Outcome(_embeddings(encoder.embed_texts(texts, cancel=ctx.cancel)))
-
-    def _op_classify(self, ctx: Context) -> Outcome:
-        encoder = self.runtime.require("medsiglip")
-        p = ctx.req.params
-        labels = p.get("labels")
-        if labels is not None and (
-            not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)
-        ):
-            raise ProtocolError("invalid_request", "labels must be a list of strings")
-        label_set = p.get("label_set")
-        if label_set is not None and not isinstance(label_set, str):
-            raise ProtocolError("invalid_request", "label_set must be a string")
-        image = media.load(media.one_image(p), allow_paths=self.allow_paths)
-        out = classification(encoder.classify(image, labels=labels or None, label_set=label_set))
-        best = max(range(len(out["scores"])), key=out["scores"].__getitem__)
-        return Outcome({**out, "top": {"label": out["labels"][best], "score": out["scores"][best]}})
-
-    def _op_search_similar(self, ctx: Context) -> Outcome:
-        p = ctx.req.params
-        k = p.get("k", 5)
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-            raise ProtocolError("invalid_request", f"k must be an integer from 1 to {MAX_K}")
-        index = self.runtime.require_index()
-        encoder = self.runtime.require("medsiglip")
-        side = p.get("thumbnails")
-        lo, hi = THUMBNAIL_SIDES
-        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not lo <= side <= hi):
-            raise ProtocolError("invalid_request", f"thumbnails must be a size in pixels from {lo} to {hi}")
-        if isinstance(p.get("text"), str):
-            hits = index.search_text(p["text"], encoder=encoder, k=k)
-        else:
-            image = media.load(media.one_image(p), allow_paths=self.allow_paths)
-            hits = index.search_image(image, encoder=encoder, k=k)
-        matches = [_entry(e) for e in hits]
-        if side:
-            for m, e in zip(matches, hits, strict=True):
-                m["thumbnail"] = self.thumbnails.get(m["content"], str(_field(e, "content_hash") or ""), side)
-        return Outcome({"matches": matches})
-
-    def _op_cancel(self, ctx: Context) -> Outcome:
-        target = ctx.req.params.get("target")
-        if not isinstance(target, str) or target == ctx.id:
-            raise ProtocolError("invalid_request", "cancel needs 'target': the id of another request")
-        return Outcome({"target": target, "found": self.cancel(target)})
-
-    def _op_shutdown(self, ctx: Context) -> Outcome:
-        self.shutting_down.set()  # refuse new work from now on, before this reply is sent
-
-        def stop() -> None:  # after this request's done: cancel the rest, stop the transports
-            self.cancel_all()
-            for hook in self.shutdown_hooks:
-                hook()
-
-        ctx.after.append(stop)
-        return Outcome({"shutting_down": True, "active_requests": self.active - 1})
-
-
-def _versions() -> dict:
-    """Package versions from their metadata: importing llama_cpp or onnxruntime here, while a
-    background load imports them too, could deadlock two threads in the dynamic loader."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"runtime": __version__}
-    for key, dist in (("llama_cpp_python", "llama-cpp-python"), ("onnxruntime", "onnxruntime")):
-        try:
-            out[key] = version(dist)
-        except PackageNotFoundError:
-            out[key] = None
-    return out
+def _op_of(raw: Any) -> Any:
+    """The op a raw request names (None when it can't be read)."""
+    try:
+        return (raw if isinstance(raw, dict) else json.loads(raw)).get("op")
+    except Exception:
+        return None
 
 
 class _SafeEmit:
@@ -421,10 +321,21 @@ class _SafeEmit:
         self.emit = emit
         self.on_failure: Callable[[], None] | None = None
         self.failed = False
+        self.done_sent = False
 
     def __call__(self, msg: dict) -> None:
+        if msg.get("type") == "done":
+            self.done_sent = True
         if self.failed:
             return
+        if msg.get("type") == "result":
+            try:  # a result that can't be JSON (a NaN score from a broken model) is a bug, not a hang-up
+                dumps(msg)
+            except (TypeError, ValueError):
+                log.exception("bridge: %s: the result is not valid JSON", msg.get("id"))
+                msg = error(
+                    msg.get("id"), "internal", "the result could not be encoded; see the runtime's log"
+                )
         try:
             self.emit(msg)
         except Exception as exc:
@@ -432,26 +343,6 @@ class _SafeEmit:
             log.info("bridge: client went away (%s); cancelling %s", type(exc).__name__, msg.get("id"))
             if self.on_failure:
                 self.on_failure()
-
-
-def _embeddings(rows) -> dict:
-    return {
-        "embeddings": [[float(x) for x in r] for r in rows],
-        "dim": int(rows.shape[1]) if len(rows) else 0,
-    }
-
-
-def _field(e: Any, key: str) -> Any:
-    return e.get(key) if isinstance(e, dict) else getattr(e, key, None)
-
-
-def _entry(e: Any) -> dict:
-    return {
-        "id": str(_field(e, "id")),
-        "score": float(_field(e, "score")),
-        "content": _field(e, "content"),
-        "metadata": _field(e, "metadata") or {},
-    }
 
 
 def call(bridge: Bridge, request: Any) -> list[dict]:
@@ -472,6 +363,6 @@ def bridge_for(settings) -> Bridge:
         medsiglip_settings=settings.medsiglip,
         image_cache=settings.image_cache,
     )
-    bridge = Bridge(runtime, allow_paths=settings.allow_paths)
+    bridge = Bridge(runtime, allow_paths=settings.allow_paths, limits=settings.limits)
     bridge.preload([n for n in settings.preload if runtime.available(n)])
     return bridge

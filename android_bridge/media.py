@@ -14,19 +14,14 @@ import binascii
 from typing import Any
 
 from android_bridge.protocol import ProtocolError
-from edge.media.images import LoadedImage, load_image
+from edge.errors import TooLargeError, UsageError
+from edge.medgemma.generation import GenerateOptions
+from edge.media.images import MAX_PIXELS, LoadedImage, load_image
+from edge.settings import fields, from_mapping
 
-_OPTION_TYPES = {
-    "max_tokens": int,
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "top_k": int,
-    "min_p": (int, float),
-    "repeat_penalty": (int, float),
-    "seed": int,
-    "stop": list,
-    "schema": dict,
-}
+OPTION_KEYS = tuple(f.name for f in fields(GenerateOptions))  # generate's params that are options
+MAX_IMAGES = 16  # images (DICOM frames) decoded for one request
+MAX_REQUEST_PIXELS = 128_000_000  # pixels decoded for one request, all its images together
 
 
 def _bad(message: str) -> ProtocolError:
@@ -50,7 +45,7 @@ def _b64(data: str) -> bytes:
         raise _bad("image data is not valid base64") from None
 
 
-def load(src: Any, *, allow_paths: bool = True) -> LoadedImage:
+def load(src: Any, *, allow_paths: bool = True, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Decode one image source (see the module docstring).
 
     Raises:
@@ -62,15 +57,18 @@ def load(src: Any, *, allow_paths: bool = True) -> LoadedImage:
         data: Any = decode_data_url(src)
     elif isinstance(src, dict):
         frame = src.get("frame")
-        if frame is not None and not isinstance(frame, int):
-            raise _bad("frame must be an integer")
+        if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or frame < 0):
+            raise _bad("frame must be a whole number from 0")
         if isinstance(src.get("base64"), str):
             data = _b64(src["base64"])
         elif isinstance(src.get("url"), str):
             data = decode_data_url(src["url"])
         elif isinstance(src.get("image_url"), dict | str):  # an OpenAI image_url part
             iu = src["image_url"]
-            data = decode_data_url(iu if isinstance(iu, str) else str(iu.get("url", "")))
+            url = iu if isinstance(iu, str) else iu.get("url")
+            if not isinstance(url, str):
+                raise _bad("image_url needs 'url': a data: URL string")
+            data = decode_data_url(url)
         elif isinstance(src.get("path"), str):
             if not allow_paths:
                 raise _bad("this transport does not accept file paths; send the image as base64")
@@ -79,28 +77,72 @@ def load(src: Any, *, allow_paths: bool = True) -> LoadedImage:
             raise _bad("an image needs one of: base64, url (data:), path")
     else:
         raise _bad("an image must be an object or a data: URL string")
-    return load_image(data, frame=frame)
+    return load_image(data, frame=frame, max_pixels=max_pixels)
+
+
+class ImageBudget:
+    """What one request may decode: ``max_images`` images (a DICOM frame counts as one) and
+    ``max_pixels`` pixels in all. Each image is refused from its header (``too_large``) once it
+    would go over, before its pixels are decoded."""
+
+    def __init__(self, max_images: int = MAX_IMAGES, max_pixels: int = MAX_REQUEST_PIXELS):
+        self.max_images = max_images
+        self.max_pixels = max_pixels
+        self.images = 0
+        self.pixels = 0
+
+    def expect(self, n: int) -> None:
+        """Refuse a request that names more than ``max_images`` images, before decoding any."""
+        if self.images + n > self.max_images:
+            raise ProtocolError(
+                "too_large", f"{self.images + n} images in one request, over the limit of {self.max_images}"
+            )
+
+    def load(self, src: Any, *, allow_paths: bool = True) -> LoadedImage:
+        """:func:`load` within what is left of the budget."""
+        self.expect(1)
+        left = self.max_pixels - self.pixels
+        limit = min(MAX_PIXELS, left)
+        try:
+            image = load(src, allow_paths=allow_paths, max_pixels=max(1, limit))
+        except TooLargeError as exc:
+            if limit >= MAX_PIXELS:
+                raise
+            raise ProtocolError(
+                "too_large",
+                f"{exc} (the images of one request may have {self.max_pixels / 1e6:.0f} MP in all)",
+            ) from None
+        self.images += 1
+        w, h = image.source_size
+        self.pixels += w * h
+        return image
 
 
 def image_list(params: dict) -> list:
-    srcs = params.get("images", [params["image"]] if "image" in params else None)
+    srcs = params.get("images")
+    if srcs is None and params.get("image") is not None:
+        srcs = [params["image"]]
     if not isinstance(srcs, list) or not srcs:
         raise _bad("give 'image' or 'images' (a non-empty list)")
     return srcs
 
 
 def one_image(params: dict) -> Any:
-    if "image" not in params:
+    if params.get("image") is None:
         raise _bad("give 'image' (or 'text' where the op takes text)")
     return params["image"]
 
 
-def conversation(params: dict, *, allow_paths: bool = True) -> tuple[list[dict], list[LoadedImage]]:
+def conversation(
+    params: dict, *, allow_paths: bool = True, budget: ImageBudget | None = None
+) -> tuple[list[dict], list[LoadedImage]]:
     """The messages for MedGemma and their images, in order, from ``generate``'s params.
 
     Either ``messages`` (OpenAI style, image parts carrying their sources) or ``prompt`` with
-    optional ``images`` (placed before the text) and ``system``.
+    optional ``images`` (placed before the text) and ``system``. Images are decoded within
+    ``budget`` (default: :class:`ImageBudget`'s defaults).
     """
+    budget = budget or ImageBudget()
     messages = params.get("messages")
     if messages is None:
         prompt = params.get("prompt")
@@ -109,12 +151,20 @@ def conversation(params: dict, *, allow_paths: bool = True) -> tuple[list[dict],
         srcs = params.get("images") or []
         if not isinstance(srcs, list):
             raise _bad("images must be a list")
-        content: Any = [{"type": "image", **_as_part(s)} for s in srcs] + [{"type": "text", "text": prompt}]
+        content: Any = [{**_as_part(s), "type": "image"} for s in srcs] + [{"type": "text", "text": prompt}]
         messages = [{"role": "user", "content": content if srcs else prompt}]
         if isinstance(params.get("system"), str):
             messages.insert(0, {"role": "system", "content": params["system"]})
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise _bad("messages must be a non-empty list of objects")
+    budget.expect(
+        sum(
+            isinstance(p, dict) and p.get("type") in ("image", "image_url")
+            for m in messages
+            if isinstance(m.get("content"), list)
+            for p in m["content"]
+        )
+    )
     out, images = [], []
     for m in messages:
         content = m.get("content")
@@ -124,7 +174,7 @@ def conversation(params: dict, *, allow_paths: bool = True) -> tuple[list[dict],
                 if not isinstance(part, dict):
                     raise _bad("message parts must be objects")
                 if part.get("type") in ("image", "image_url"):
-                    images.append(load(part, allow_paths=allow_paths))
+                    images.append(budget.load(part, allow_paths=allow_paths))
                     parts.append({"type": "image"})
                 else:
                     parts.append(part)
@@ -137,20 +187,11 @@ def _as_part(src: Any) -> dict:
     return {"url": src} if isinstance(src, str) else dict(src) if isinstance(src, dict) else {"bad": src}
 
 
-def generate_options(params: dict):
-    """GenerateOptions from ``generate``'s params (unknown types refused, not ignored)."""
-    from edge.medgemma.model import GenerateOptions
-
-    kwargs = {}
-    for key, kind in _OPTION_TYPES.items():
-        value = params.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise _bad(f"{key} has the wrong type")
-        kwargs[key] = value
-    if kwargs.get("max_tokens", 1) <= 0:
-        raise _bad("max_tokens must be positive")
-    if "stop" in kwargs and not all(isinstance(s, str) for s in kwargs["stop"]):
-        raise _bad("stop must be a list of strings")
-    return GenerateOptions(**kwargs)
+def generate_options(params: dict) -> GenerateOptions:
+    """GenerateOptions from ``generate``'s params, each checked against its declaration (type,
+    range, finite): a bad value is ``invalid_request`` naming the option. ``null`` = the default."""
+    values = {k: params[k] for k in OPTION_KEYS if params.get(k) is not None}
+    try:
+        return from_mapping(GenerateOptions, values)
+    except UsageError as exc:
+        raise _bad(str(exc)) from None

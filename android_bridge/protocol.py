@@ -10,6 +10,7 @@ one place the shapes are built, so the two are kept in step here.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ HTTP_STATUS = {
     "internal": 500,
 }
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_REQUEST_BYTES = 64 << 20  # one request, as text (the line and HTTP transports cut at the same size)
+MAX_DEPTH = 32  # nesting of objects and arrays in a request (a schema or a conversation needs < 16)
 
 
 class ProtocolError(EdgeError):
@@ -68,6 +71,7 @@ class ProtocolError(EdgeError):
         assert code in ERROR_CODES, code
         self.code = code
         self.retry_after = retry_after
+        self.request_id: str | None = None  # set by parse_request when the request has a usable id
 
 
 @dataclass
@@ -83,22 +87,33 @@ def parse_request(raw: Any) -> Request:
     """Validate one request (bytes, str or an already-decoded object).
 
     Raises:
-        ProtocolError(invalid_request): not JSON, not an object, a missing or malformed id,
-            an unknown version or op, params that are not an object. The error's reply keeps
-            the request's id when one could be read (see :func:`request_id`).
+        ProtocolError(invalid_request): not JSON (or NaN/Infinity, a lone surrogate, nested
+            deeper than :data:`MAX_DEPTH`), not an object, a missing or malformed id, an unknown
+            version or op, params that are not an object. ``request_id`` is set on the error
+            when the request had a usable id.
+        ProtocolError(too_large): over :data:`MAX_REQUEST_BYTES`.
     """
     obj = decode(raw)
+    rid = obj.get("id")
+    rid = rid if isinstance(rid, str) and _ID.match(rid) else None
+    try:  # the error's reply keeps the id from here on
+        return _validate(obj, rid)
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _validate(obj: dict, rid: str | None) -> Request:
     if obj.get("v") != VERSION:
         raise ProtocolError(
             "invalid_request",
-            f"unsupported protocol version {obj.get('v')!r}: this runtime speaks v{VERSION}",
+            f"unsupported protocol version {short(obj.get('v'))}: this runtime speaks v{VERSION}",
         )
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not _ID.match(rid):
+    if rid is None:
         raise ProtocolError("invalid_request", "request id must be a string of 1-128 letters, digits or ._:-")
     op = obj.get("op")
     if op not in OPS:
-        raise ProtocolError("invalid_request", f"unknown op {op!r}; one of: {', '.join(OPS)}")
+        raise ProtocolError("invalid_request", f"unknown op {short(op)}; one of: {', '.join(OPS)}")
     params = obj.get("params", {})
     if params is None:
         params = {}
@@ -107,23 +122,113 @@ def parse_request(raw: Any) -> Request:
     return Request(rid, op, params)
 
 
-def decode(raw: Any) -> dict:
-    """JSON text/bytes → a dict, or ProtocolError(invalid_request)."""
-    if isinstance(raw, bytes | bytearray | str):
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that name what was sent."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(raw: bytes | bytearray | str, *, what: str = "request", details: bool = True) -> Any:
+    """Strict JSON: no NaN/Infinity, no number that overflows a float, nesting at most
+    :data:`MAX_DEPTH`, valid UTF-8 / Unicode (no lone surrogates), at most
+    :data:`MAX_REQUEST_BYTES`. Every route and transport parses requests with it.
+
+    Raises:
+        ProtocolError(invalid_request | too_large).
+    """
+    value = _parse(raw, what=what, details=details)
+    check_tree(value)
+    return value
+
+
+def _parse(raw: bytes | bytearray | str, *, what: str = "request", details: bool = True) -> Any:
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ProtocolError("too_large", f"{what} over {MAX_REQUEST_BYTES} bytes")
+    try:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ProtocolError("invalid_request", f"{what} is nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        why = f" ({str(exc)[:200]})" if details else ""
+        raise ProtocolError("invalid_request", f"{what} is not valid JSON{why}") from None
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_tree(value: Any) -> None:
+    """Refuse what JSON text can't carry or this runtime won't take, walking without recursion:
+    nesting deeper than :data:`MAX_DEPTH`, non-finite numbers, strings that aren't valid Unicode
+    (lone surrogates, from ``\\ud800`` escapes), keys that aren't strings, non-JSON types (an
+    in-process caller's objects)."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ProtocolError("invalid_request", f"request is nested deeper than {MAX_DEPTH} levels")
+            if isinstance(node, dict):
+                for key, item in node.items():
+                    if not isinstance(key, str):
+                        raise ProtocolError("invalid_request", "object keys must be strings")
+                    _check_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, str):
+            _check_text(node)
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                raise ProtocolError("invalid_request", "numbers must be finite (no NaN or Infinity)")
+        elif not isinstance(node, _SCALARS):
+            raise ProtocolError(
+                "invalid_request", f"a request holds JSON values only, not {type(node).__name__}"
+            )
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
         try:
-            raw = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError("invalid_request", f"request is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(
+                "invalid_request", "request text is not valid Unicode (a lone surrogate escape)"
+            ) from None
+
+
+def decode(raw: Any) -> dict:
+    """JSON text/bytes (or a decoded object, checked the same way) → a dict, or ProtocolError
+    (with ``request_id`` set when the object had a usable id)."""
+    obj = _parse(raw) if isinstance(raw, bytes | bytearray | str) else raw
+    try:
+        check_tree(obj)
+    except ProtocolError as exc:
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        exc.request_id = rid if isinstance(rid, str) and _ID.match(rid) else None
+        raise
+    if not isinstance(obj, dict):
         raise ProtocolError("invalid_request", "request must be a JSON object")
-    return raw
+    return obj
 
 
 def request_id(raw: Any) -> str | None:
-    """The id of a request that failed to parse, when it has a usable one (else None)."""
+    """The id of a request that failed to parse, when it has a usable one (else None). Never raises."""
     try:
         rid = decode(raw).get("id")
-    except ProtocolError:
+    except ProtocolError as exc:  # the id of an object that parsed but broke a rule (depth, NaN)
+        return exc.request_id
+    except Exception:
         return None
     return rid if isinstance(rid, str) and _ID.match(rid) else None
 

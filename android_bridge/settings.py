@@ -10,6 +10,7 @@ from typing import Any
 
 from edge.medgemma.settings import MedGemmaSettings
 from edge.medsiglip.settings import MedSigLIPSettings
+from edge.settings import check, setting
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -18,6 +19,62 @@ def default_endpoint_file() -> Path:
     """Where ``serve`` writes its endpoint (host, port, pid, token): a per-user, 0700 directory."""
     base = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".cache")
     return Path(base) / "medgemma-edge" / "endpoint.json"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's resource guards: what one client may ask of the runtime at once.
+
+    Each is a ``serve`` flag (its ``flag``) and is answered with a typed error (PROTOCOL.md,
+    "Limits"); the defaults suit one clinician on one device.
+    """
+
+    request_timeout_s: float = setting(
+        900.0,
+        "wall-clock limit of one request in seconds; past it the request ends with a 'cancelled' "
+        "error (0: no limit)",
+        flag="--request-timeout",
+        minimum=0.0,
+        maximum=7 * 86400.0,
+    )
+    max_request_tokens: int = setting(
+        4096,
+        "most tokens one generation produces; a larger max_tokens is cut to it (finish_reason length)",
+        flag="--max-request-tokens",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    max_connections: int = setting(
+        32,
+        "concurrent connections (HTTP requests, Unix socket clients); more get 'busy'",
+        flag="--max-connections",
+        minimum=1,
+        maximum=4096,
+    )
+    max_active_requests: int = setting(
+        16,
+        "requests in flight at once, queued or running; more get 'busy' (health and cancel always answer)",
+        flag="--max-requests",
+        minimum=1,
+        maximum=4096,
+    )
+    max_images: int = setting(
+        16,
+        "images (DICOM frames) decoded for one request; more get 'too_large'",
+        flag="--max-images",
+        minimum=1,
+        maximum=1024,
+    )
+    max_request_pixels: int = setting(
+        128_000_000,
+        "pixels decoded for one request, all its images together; more get 'too_large'",
+        flag="--max-request-pixels",
+        minimum=1,
+        maximum=10**12,
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 @dataclass
@@ -43,6 +100,7 @@ class ServeSettings:
     image_cache: Any = None  # MedGemma's edge.media.image_cache.ImageCache (None: its own)
     allow_paths: bool = True  # let requests name image files on this device
     grace_s: float = 10.0  # how long shutdown waits for cancelled work to end
+    limits: Limits = field(default_factory=Limits)  # the resource guards
 
     def __post_init__(self) -> None:
         if len(self.token) < 32:

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from android_bridge.bridge import Bridge
 from android_bridge.protocol import done, dumps, error
+from android_bridge.runtime import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 64 << 20
@@ -76,9 +77,12 @@ class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
 
     daemon_threads = True
 
-    def __init__(self, path: str | os.PathLike, bridge: Bridge):
+    def __init__(self, path: str | os.PathLike, bridge: Bridge, *, max_connections: int | None = None):
         self.path = Path(path)
         self.bridge = bridge
+        self.max_connections = max_connections or bridge.limits.max_connections
+        self.connections = 0
+        self._count_lock = threading.Lock()
         if self.path.exists() and self.path.is_socket():
             self.path.unlink()  # a stale socket from a previous run
         old = os.umask(0o177)
@@ -89,6 +93,30 @@ class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
         os.chmod(self.path, 0o600)
         bridge.transports.append("unix")
         bridge.shutdown_hooks.append(lambda: threading.Thread(target=self.shutdown, daemon=True).start())
+
+    def verify_request(self, request, client_address) -> bool:
+        """Take at most ``max_connections`` clients at once; one more gets a ``busy`` error
+        line and its ``done``, and is closed."""
+        with self._count_lock:
+            ok = self.connections < self.max_connections
+            if ok:
+                self.connections += 1
+        if not ok:
+            log.info("bridge: unix client refused: %d connections open (the limit)", self.max_connections)
+            lines = [
+                error(
+                    None,
+                    "busy",
+                    f"{self.max_connections} clients are connected already (the limit)",
+                    retry_after=RETRY_AFTER_S,
+                ),
+                done(None, "error"),
+            ]
+            try:
+                request.sendall("".join(dumps(m) + "\n" for m in lines).encode("utf-8"))
+            except OSError:
+                pass
+        return ok
 
     def server_close(self) -> None:
         super().server_close()
@@ -101,3 +129,12 @@ class _Connection(socketserver.StreamRequestHandler):
             serve_lines(self.server.bridge, self.rfile, self.wfile)
         except (TimeoutError, BrokenPipeError, ConnectionResetError):
             log.info("bridge: unix client went away")
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            with self.server._count_lock:
+                self.server.connections -= 1

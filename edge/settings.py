@@ -35,6 +35,9 @@ def setting(
     choices: tuple | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    above: float | None = None,
+    max_items: int | None = None,
+    max_length: int | None = None,
     cli: bool = True,
     remote: bool = True,
     profile: str | None = None,
@@ -47,6 +50,9 @@ def setting(
         flag: the command-line flag (default ``--field-name``; a boolean that defaults to True
             becomes ``--no-field-name``).
         choices / minimum / maximum: what a value may be (checked by :func:`check`).
+        above: an exclusive minimum (the value must be greater than this).
+        max_items: the most items of a list field (``list[str]``).
+        max_length: the most characters of a string (of each item, for a list of strings).
         cli: whether the command line offers it.
         remote: whether a client may set it through the bridge's ``load`` op.
         profile: its key in a device profile (``models/profiles.toml``), when not the field's name.
@@ -57,6 +63,9 @@ def setting(
         "choices": choices,
         "minimum": minimum,
         "maximum": maximum,
+        "above": above,
+        "max_items": max_items,
+        "max_length": max_length,
         "cli": cli,
         "remote": remote,
         "profile": profile,
@@ -78,34 +87,61 @@ def value_type(cls, f: dataclasses.Field) -> tuple[type, bool]:
     return hint, False
 
 
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: a message never echoes a whole (possibly huge) value."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_value(cls, f: dataclasses.Field, value: Any, where: str) -> Any:
     base, optional = value_type(cls, f)
     name = f"{where}{f.name}"
+    meta = f.metadata
     if value is None:
         if optional:
             return None
         raise UsageError(f"{name} can't be null")
     if base is bool:
         if not isinstance(value, bool):
-            raise UsageError(f"{name} must be true or false, not {value!r}")
+            raise UsageError(f"{name} must be true or false, not {_show(value)}")
     elif base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UsageError(f"{name} must be a whole number, not {value!r}")
+            raise UsageError(f"{name} must be a whole number, not {_show(value)}")
     elif base is float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise UsageError(f"{name} must be a finite number, not {value!r}")
+            raise UsageError(f"{name} must be a finite number, not {_show(value)}")
         value = float(value)
     elif base is str:
         if not isinstance(value, str):
-            raise UsageError(f"{name} must be a string, not {value!r}")
-    meta = f.metadata
+            raise UsageError(f"{name} must be a string, not {_show(value)}")
+        _check_length(name, value, meta)
+    elif base is dict or typing.get_origin(base) is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{name} must be an object, not {_show(value)}")
+    elif typing.get_origin(base) is list:
+        (item,) = typing.get_args(base) or (Any,)
+        if not isinstance(value, list) or (item is str and not all(isinstance(v, str) for v in value)):
+            raise UsageError(
+                f"{name} must be a list{' of strings' if item is str else ''}, not {_show(value)}"
+            )
+        if meta.get("max_items") is not None and len(value) > meta["max_items"]:
+            raise UsageError(f"{name} may have at most {meta['max_items']} items, not {len(value)}")
+        for v in value:
+            _check_length(name, v, meta)
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise UsageError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
+        raise UsageError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, not {_show(value)}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
-        raise UsageError(f"{name} must be at least {meta['minimum']}, not {value!r}")
+        raise UsageError(f"{name} must be at least {meta['minimum']}, not {_show(value)}")
+    if meta.get("above") is not None and not value > meta["above"]:
+        raise UsageError(f"{name} must be more than {meta['above']}, not {_show(value)}")
     if meta.get("maximum") is not None and value > meta["maximum"]:
-        raise UsageError(f"{name} must be at most {meta['maximum']}, not {value!r}")
+        raise UsageError(f"{name} must be at most {meta['maximum']}, not {_show(value)}")
     return value
+
+
+def _check_length(name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if meta.get("max_length") is not None and isinstance(value, str) and len(value) > meta["max_length"]:
+        raise UsageError(f"{name}: a string of at most {meta['max_length']} characters, not {len(value)}")
 
 
 def check(settings: Any) -> None:
@@ -132,7 +168,7 @@ def from_mapping(
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise UsageError(
-            f"unknown {where or 'setting '}{', '.join(map(str, unknown))}; known: {', '.join(known)}"
+            f"unknown {where or 'setting '}{', '.join(str(k)[:60] for k in unknown[:10])}; known: {', '.join(known)}"
         )
     values = {name: _check_value(cls, known[name], value, where) for name, value in data.items()}
     start = base if base is not None else cls()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -33,19 +33,22 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_schema(arg: str | None) -> dict | None:
+    """The JSON schema ``--schema`` names: a built-in name (``report``) or a JSON file (a regular
+    file of at most :data:`edge.files.MAX_JSON_BYTES`, 8 MiB, holding a JSON object)."""
+    from edge.files import FileMissing, read_json
     from edge.medgemma.generation import builtin_schema
 
     if arg is None:
         return None
     if (schema := builtin_schema(arg)) is not None:
         return schema
-    path = Path(arg)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        schema = read_json(Path(arg), what="schema")
+    except FileMissing:
         raise InputError(f"schema {arg} not found (a JSON file, or one of: report)") from None
-    except ValueError as exc:
-        raise InputError(f"schema {path} is not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise InputError(f"schema {arg} is not a JSON object (a JSON schema is one)")
+    return schema
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -54,6 +57,8 @@ def run_ask(args: argparse.Namespace) -> int:
 
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UsageError("--max-tokens must be positive")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number of at least 0 (got {args.temperature})")
     images = [load_image(p, frame=args.frame) for p in args.image]  # bad images fail before the model loads
     options = GenerateOptions(
         max_tokens=args.max_tokens,

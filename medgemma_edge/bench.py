@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge import __version__
+from edge.errors import UsageError
 from medgemma_edge.common import emit_json
 
 HISTORY = (
@@ -226,8 +227,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def run_bench_cli(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from edge.files import kind_of
+    from medgemma_edge.common import check_range
     from medgemma_edge.options import medgemma_settings
 
+    check_range("--tokens", args.tokens, 1, 1 << 20)
+    if args.history.exists() and not args.history.is_file():  # checked before the minutes of measuring
+        raise UsageError(f"--history {args.history} is {kind_of(args.history.stat().st_mode)}, not a file")
     bundle, settings, cache = medgemma_settings(args)  # the profile's choices with the flags applied
     r = run_bench(
         bundle.root,

@@ -6,11 +6,12 @@ medgemma-edge index -b B --index DIR add FILE_OR_DIR... [--meta key=value]... [-
 medgemma-edge index --index DIR export OUT.tar
 medgemma-edge index -b B --index DIR import IN.tar
 medgemma-edge index --index DIR info
+medgemma-edge index -b B --index DIR repair      (a damaged database: re-index what it records)
 medgemma-edge search -b B --index DIR (IMAGE | --text "query") [--k 5] [--where key=value]... [--json]
 ```
 
-Only parsing and printing here; the work is in :mod:`edge.medsiglip.model`, :mod:`edge.cases.index` and
-:mod:`edge.cases.transfer`.
+Only parsing and printing here; the work is in :mod:`edge.medsiglip.model`, :mod:`edge.cases.index`,
+:mod:`edge.cases.repair` and :mod:`edge.cases.transfer`.
 """
 
 from __future__ import annotations
@@ -53,12 +54,17 @@ def _encoder(args, *, towers=("vision", "text"), precision: str | None = None):
     return MedSigLIP(args.bundle, precision=args.precision or precision, threads=args.threads, towers=towers)
 
 
-def _index_precision(root: Path | None) -> str | None:
-    """The precision an existing index was built with (so --precision can be left out)."""
+def _index_precision(root: Path | None, *, damaged_ok: bool = False) -> str | None:
+    """The precision an existing index was built with (so --precision can be left out);
+    ``damaged_ok``: read it from what a damaged database still holds (for repair)."""
     from edge.cases.index import DB_NAME, CaseIndex
 
     if root is None or not (root / DB_NAME).is_file():
         return None
+    if damaged_ok:
+        from edge.cases.repair import salvage
+
+        return salvage(root / DB_NAME).info.get("precision")
     with CaseIndex.open(root) as idx:
         return idx.info.get("precision")
 
@@ -124,24 +130,33 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--copy", action="store_true", help="keep a copy of each image inside the index")
     a.add_argument("--batch-size", type=int, default=16, help="images per transaction (default 16)")
     a.add_argument("--json", action="store_true", help="print one JSON report")
-    i = acts.add_parser("info", help="count, encoder and metadata keys of an index")
+    i = acts.add_parser("info", help="count, encoder and metadata keys of an index (and whether it is whole)")
     i.add_argument("--json", action="store_true")
+    r = acts.add_parser(
+        "repair", help="rebuild a damaged index from the image paths and copies it records (ids renumbered)"
+    )
+    r.add_argument("--json", action="store_true")
     e = acts.add_parser("export", help="write the index to one .tar (ids, metadata, copies kept)")
     e.add_argument("out", type=Path, metavar="OUT.tar")
     e.add_argument("--json", action="store_true")
     m = acts.add_parser("import", help="unpack an exported .tar into a new --index directory")
     m.add_argument("archive", type=Path, metavar="IN.tar")
     m.add_argument("--json", action="store_true")
-    for q in (a, i, e, m):  # also accept the shared options after the action
+    for q in (a, i, r, e, m):  # also accept the shared options after the action
         _encoder_options(q, suppress=True)
         _index_option(q, suppress=True)
     p.set_defaults(func=run_index)
 
 
 def run_index(args: argparse.Namespace) -> int:
-    return {"add": _index_add, "info": _index_info, "export": _index_export, "import": _index_import}[
-        args.action
-    ](args)
+    verbs = {
+        "add": _index_add,
+        "info": _index_info,
+        "repair": _index_repair,
+        "export": _index_export,
+        "import": _index_import,
+    }
+    return verbs[args.action](args)
 
 
 def _index_add(args) -> int:
@@ -173,12 +188,40 @@ def _index_info(args) -> int:
     from edge.cases.index import CaseIndex
 
     with CaseIndex.open(_need_index(args)) as idx:
+        idx.check()  # a damaged database is reported (with the repair), not half-shown
         st = idx.stats()
     if args.json:
         emit_json({"ok": True, **st})
     else:
         for k, v in st.items():
             print(f"{k:<14} {v}")
+    return 0
+
+
+def _index_repair(args) -> int:
+    from edge.cases.repair import repair_index
+
+    root = _need_index(args)
+    enc = _encoder(args, towers=("vision",), precision=_index_precision(root, damaged_ok=True))
+    with progress.bar("re-indexing", unit="img", enabled=not args.json) as cb:
+        rep = repair_index(root, encoder=enc, progress=cb)
+    if args.json:
+        emit_json({"ok": True, **rep.to_json()})
+        return 0
+    for path, err in rep.missing:
+        print(f"not re-added {path}: {err}", file=sys.stderr)
+    recorded = f" of {rep.recorded} recorded" if rep.recorded is not None else ""
+    if rep.recorded is None or rep.readable < rep.recorded:
+        print(
+            "some cases could not be read from the damaged file: add their folders again with "
+            f"`medgemma-edge index --index {root} add FOLDER` (what is indexed already is skipped)",
+            file=sys.stderr,
+        )
+    print(
+        f"repaired {root}: {rep.added} cases re-added ({rep.from_copies} from the index's copies), "
+        f"{rep.readable} readable{recorded}, {len(rep.missing)} not found; index has {rep.total} cases "
+        f"(ids renumbered); the damaged file is kept as {rep.damaged_kept}"
+    )
     return 0
 
 
@@ -210,14 +253,12 @@ def _index_import(args) -> int:
 
 
 def _archive_precision(archive: Path) -> str | None:
-    import json
-    import tarfile
+    from edge.cases.transfer import archive_manifest
+    from edge.errors import InputError
 
     try:
-        with tarfile.open(archive) as tar:
-            f = tar.extractfile("manifest.json")
-            return json.loads(f.read()).get("precision") if f else None
-    except (OSError, KeyError, ValueError, tarfile.TarError):
+        return archive_manifest(archive).get("precision")
+    except InputError:
         return None  # import_index reports what is wrong with the archive
 
 

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             emit_json(
                 {"ok": False, "error": {"code": exc.code, "message": str(exc), "exit_code": exc.exit_code}}
             )
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        one_line = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{PROG}: error: {one_line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was left half-written", file=sys.stderr)

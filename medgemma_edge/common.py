@@ -24,6 +24,15 @@ def resolve_bundle(path: str | os.PathLike | None) -> Path:
     return Path(chosen)
 
 
+def check_range(flag: str, value: int | None, minimum: int, maximum: int | None = None) -> None:
+    """Refuse a number flag out of ``[minimum, maximum]`` (None: not given, fine) with a UsageError."""
+    if value is None:
+        return
+    if value < minimum or (maximum is not None and value > maximum):
+        within = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise UsageError(f"{flag} must be {within} (got {value})")
+
+
 def emit_json(obj: dict) -> None:
     """The one JSON object a ``--json`` command prints on stdout."""
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")

@@ -7,7 +7,7 @@ import contextlib
 
 from edge.errors import UsageError
 from medgemma_edge import progress
-from medgemma_edge.common import default_bundle, emit_json
+from medgemma_edge.common import check_range, default_bundle, emit_json
 
 
 class _StepBars:
@@ -49,7 +49,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         default="Q4_K_M",
         help="comma list of Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0 (F16 keeps the conversion)",
     )
-    p.add_argument("--mmproj", default="f16", help="comma list of f16,q8_0 (vision projector types)")
+    p.add_argument(
+        "--mmproj", default="f16", help="comma list of f16,q8_0,f32 (vision projector types; empty: none)"
+    )
     p.add_argument(
         "--outtype", default="f16", choices=["f16", "bf16", "f32"], help="text conversion precision"
     )
@@ -73,6 +75,15 @@ def run_export(args: argparse.Namespace) -> int:
 
     if not args.bundle:
         raise UsageError("give --bundle DIR or set MEDGEMMA_EDGE_BUNDLE")
+    check_range("--threads", args.threads, 0, 1024)
+    if args.vision_onnx:  # checked now, not after the GGUF export has run
+        from export.onnx.medgemma_vision import PRECISIONS
+
+        for p in (s.strip() for s in args.vision_onnx.split(",")):
+            if p and p not in PRECISIONS:
+                raise UsageError(
+                    f"unknown --vision-onnx precision {p!r}; choose from {', '.join(PRECISIONS)}"
+                )
     with _StepBars(enabled=not args.json) as bars:
         r = export_medgemma(
             args.src,

@@ -41,7 +41,10 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from export.onnx import graph
     from export.onnx.medsiglip import export_medsiglip
-    from medgemma_edge.common import emit_json
+    from medgemma_edge.common import check_range, emit_json
+
+    check_range("--threads", args.threads, 0, 1024)
+    check_range("--fidelity-images", args.fidelity_images, 1, 1000)
 
     def stage(what: str) -> None:
         print(f"medsiglip: {what}", file=sys.stderr, flush=True)

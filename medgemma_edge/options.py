@@ -33,8 +33,14 @@ def add_settings_flags(p: argparse.ArgumentParser, cls) -> None:
         help_ = f.metadata["help"]
         if base is bool:
             const = not f.default
+            switch = "turn off" if f.default else "turn on"
             p.add_argument(
-                flag_name(f), dest=f.name, action="store_const", const=const, default=None, help=help_
+                flag_name(f),
+                dest=f.name,
+                action="store_const",
+                const=const,
+                default=None,
+                help=f"{switch}: {help_} (default: the profile's)",
             )
             continue
         choices = [c for c in f.metadata.get("choices") or () if c is not None] or None

@@ -28,15 +28,52 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--medsiglip-bundle", type=Path, help="MedSigLIP from another bundle (default: -b)")
     p.add_argument("--index", type=Path, help="the similar-case index directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this device only)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")
+    p.add_argument("--port", type=_port, default=0, help="port (default 0: a free one)")
     p.add_argument("--endpoint-file", type=Path, help="where to write url/port/pid/token (0600)")
     p.add_argument("--max-body", default="64M", help="largest request body (default 64M)")
     p.add_argument("--no-paths", action="store_true", help="refuse image file paths in requests")
     p.add_argument("--open", action="store_true", help="open the web page in a browser")
+    _add_limit_flags(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stdio", action="store_true", help="speak JSON lines on stdin/stdout instead of HTTP")
     mode.add_argument("--unix-socket", type=Path, help="speak JSON lines on this Unix socket instead of HTTP")
     p.set_defaults(func=run_serve)
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per resource guard (android_bridge.settings.Limits: flag, help, default)."""
+    from android_bridge.settings import Limits
+    from edge.settings import fields, value_type
+
+    for f in fields(Limits):
+        base, _ = value_type(Limits, f)
+        p.add_argument(
+            f.metadata["flag"],
+            dest=f"limit_{f.name}",
+            type=base,
+            metavar="SECONDS" if base is float else "N",
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
+
+
+def _limits(args: argparse.Namespace):
+    """The guards with the flags given applied, each checked (a bad value: UsageError, exit 2)."""
+    from android_bridge.settings import Limits
+    from edge.settings import fields, from_mapping
+
+    given = {f.name: getattr(args, f"limit_{f.name}", None) for f in fields(Limits)}
+    return from_mapping(Limits, {k: v for k, v in given.items() if v is not None}, where="serve ")
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 (a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0 picks a free one)")
+    return port
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -60,6 +97,7 @@ def settings_from_args(args: argparse.Namespace):
         medsiglip=profiles.medsiglip_settings(siglip_bundle, args.profile),
         image_cache=image_cache,
         allow_paths=not args.no_paths,
+        limits=_limits(args),
     )
 
 
@@ -122,7 +160,9 @@ def _serve_lines(settings, args: argparse.Namespace) -> int:
         if args.stdio:
             serve_stdio(bridge)
         else:
-            server = UnixSocketServer(settings.unix_socket, bridge)
+            server = UnixSocketServer(
+                settings.unix_socket, bridge, max_connections=settings.limits.max_connections
+            )
             print(f"medgemma-edge serve: unix socket {settings.unix_socket}", file=sys.stderr, flush=True)
             signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
             try:

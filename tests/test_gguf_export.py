@@ -45,7 +45,7 @@ def test_export_writes_a_complete_component(gguf_bundle):
         "Health AI Developer Foundations" in notice
         and "quantized with llama.cpp to F32, Q8_0, Q4_K_M" in notice
     )
-    leftovers = [p.name for p in gguf_bundle.parent.iterdir() if "staging" in p.name or "gguf-work" in p.name]
+    leftovers = [p.name for p in gguf_bundle.parent.iterdir() if "staging" in p.name or ".work-" in p.name]
     assert leftovers == []
 
 
@@ -218,4 +218,27 @@ def test_unknown_quant_is_a_usage_error(medgemma_twin, tmp_path):
         export_medgemma(medgemma_twin, bundle=tmp_path / "b", quants="Q8_0,Q3_XX")
     r = run_cli("export", "medgemma", str(medgemma_twin), "--bundle", str(tmp_path / "b"), "--mmproj", "q4")
     assert r.returncode == 2 and "unknown mmproj type 'q4'" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--quant", "F16", "--outtype", "f32"],
+            "--quant F16 keeps the text conversion, which is --outtype f32",
+        ),
+        (["--quant", "BF16"], "--quant BF16 keeps the text conversion, which is --outtype f16"),
+        (["--quant", "Q8_0,F32"], "give --outtype f32 to keep F32 text, or --quant F16"),
+        (["--quant", " , "], "give at least one quantization"),
+        (["--quant", "Q8_0", "--mmproj", "f16,bf16"], "unknown mmproj type 'bf16'"),
+        (["--outtype", "q8_0"], "invalid choice: 'q8_0'"),
+    ],
+)
+def test_bad_quant_outtype_mmproj_combinations_are_one_line(medgemma_twin, tmp_path, flags, message):
+    """Each is refused before any work: one line, exit 2, no traceback, nothing written."""
+    r = run_cli("export", "medgemma", str(medgemma_twin), "--bundle", str(tmp_path / "b"), *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]  # argparse prints its usage above
+    assert len(errors) == 1 and message in errors[0], r.stderr
     assert list(tmp_path.iterdir()) == []

@@ -139,6 +139,8 @@ def test_twin_answers_about_images_and_caches_them(twin_model, maker, tmp_path):
         Image.open(io.BytesIO(_png_bytes(5))).save(path, "PNG" if maker == "png" else "JPEG")
     image = load_image(path)
     opts = GenerateOptions(max_tokens=4)
+    twin_model.forget_context()  # the session's model: other tests may have seen the same image
+    twin_model.image_cache.clear()
     first = twin_model.ask("Describe this image.", images=[image], options=opts)
     second = twin_model.ask("Anything else?", images=[image], options=opts)
     assert first.image_cache == {"hits": 0, "misses": 1} and first.timings["image_encode_s"] > 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -25,18 +26,22 @@ from android_bridge.bridge import Bridge, bridge_for
 from android_bridge.http import openai, page
 from android_bridge.http.glue import send_error
 from android_bridge.http.rpc import rpc
+from android_bridge.runtime import RETRY_AFTER_S
 from android_bridge.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
 
 class Guard:
-    """ASGI middleware: the bearer token and the Content-Length limit, before any route runs."""
+    """ASGI middleware: the bearer token, the Content-Length limit and the cap on concurrent
+    requests (``max_connections``: past it, ``429 busy`` with Retry-After), before any route runs."""
 
-    def __init__(self, app, *, token: str, max_body_bytes: int):
+    def __init__(self, app, *, token: str, max_body_bytes: int, max_connections: int | None = None):
         self.app = app
         self.token = token.encode()
         self.max_body_bytes = max_body_bytes
+        self.max_connections = max_connections
+        self.active = 0  # requests being answered now (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or page.is_public(scope["method"], scope["path"]):
@@ -60,7 +65,21 @@ class Guard:
                 "missing or wrong bearer token (see the endpoint file)",
                 headers=((b"www-authenticate", b"Bearer"),),
             )
-        return await self.app(scope, receive, send)
+        if self.max_connections is not None and self.active >= self.max_connections:
+            await _drain(receive, self.max_body_bytes)
+            log.info("http: %s %s refused: %d requests at once", scope["method"], scope["path"], self.active)
+            return await send_error(
+                send,
+                429,
+                "busy",
+                f"{self.active} requests are being answered already (the limit); retry shortly",
+                headers=((b"retry-after", str(max(1, math.ceil(RETRY_AFTER_S))).encode()),),
+            )
+        self.active += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 async def _drain(receive, limit: int) -> None:
@@ -92,5 +111,10 @@ def create_app(settings: ServeSettings, bridge: Bridge | None = None) -> Starlet
     )
     app.state.settings = settings
     app.state.bridge = bridge
-    app.add_middleware(Guard, token=settings.token, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        Guard,
+        token=settings.token,
+        max_body_bytes=settings.max_body_bytes,
+        max_connections=settings.limits.max_connections,
+    )
     return app

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from android_bridge.bridge import Bridge
-from android_bridge.protocol import HTTP_STATUS, ProtocolError, request_id
+from android_bridge.protocol import HTTP_STATUS, ProtocolError, loads, request_id
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,14 @@ async def read_json(request: Request) -> dict:
 
     Raises:
         BodyTooLarge: over the limit.
-        BadBody: not valid JSON, or not an object (``invalid_request``).
+        BadBody: not valid JSON (by :func:`android_bridge.protocol.loads`: no NaN, nesting
+            bounded, valid Unicode), or not an object (``invalid_request``).
     """
+    data = await read_body(request)
     try:
-        body = json.loads(await read_body(request))
-    except ValueError:
-        raise BadBody("invalid_request", "the body is not valid JSON") from None
+        body = loads(data, what="the body", details=False)
+    except ProtocolError as exc:  # not JSON, NaN, too deep, a lone surrogate: the protocol's rules
+        raise BadBody(exc.code, str(exc)) from None
     if not isinstance(body, dict):
         raise BadBody("invalid_request", "the body must be a JSON object")
     return body

@@ -40,9 +40,17 @@ def _generate_params(body: dict) -> dict:
     ):
         if value is not None:
             params[key] = value
-    fmt = body.get("response_format") or {}
-    if fmt.get("type") == "json_schema":
-        params["schema"] = (fmt.get("json_schema") or {}).get("schema")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("json_schema") or {}, dict):
+            raise BadBody("invalid_request", "response_format must be an object (type, json_schema)")
+        if fmt.get("type") == "json_schema":
+            params["schema"] = (fmt.get("json_schema") or {}).get("schema")
+    for key in ("stream", "stream_options"):
+        if body.get(key) is not None and not isinstance(body[key], bool if key == "stream" else dict):
+            raise BadBody(
+                "invalid_request", f"{key} must be {'true or false' if key == 'stream' else 'an object'}"
+            )
     return params
 
 
@@ -51,11 +59,17 @@ async def chat_completions(request: Request):
         body = await read_json(request)
     except BadBody as exc:
         return error_response(exc.code, str(exc), openai=True)
+    try:
+        params = _generate_params(body)
+    except BadBody as exc:
+        return error_response(exc.code, str(exc), openai=True)
     rid = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
-    req = {"v": VERSION, "id": rid, "op": "generate", "params": _generate_params(body)}
+    req = {"v": VERSION, "id": rid, "op": "generate", "params": params}
     stream = replies(request.app.state.bridge, req)
-    first = await anext(stream)
+    first = await anext(stream, None)
+    if first is None:
+        return error_response("not_loaded", "the runtime is shutting down", openai=True)
     if first["type"] == "error":
         await stream.aclose()
         return reply_error(first["error"], openai=True)
@@ -156,6 +170,8 @@ async def embeddings(request: Request):
                 return reply_error(msg["error"], openai=True)
             if msg["type"] == "result":
                 rows.update(zip(idx, msg["result"]["embeddings"], strict=True))
+    if len(rows) != len(inputs):  # a request that ended without a result (cancelled: shutting down)
+        return error_response("cancelled", "the embedding request was cancelled", openai=True)
     data = []
     for i in range(len(inputs)):
         vec = rows[i]

@@ -15,7 +15,7 @@ from starlette.responses import Response, StreamingResponse
 
 from android_bridge.bridge import Bridge
 from android_bridge.http.glue import BodyTooLarge, error_response, first_reply_status, read_body, replies
-from android_bridge.protocol import dumps
+from android_bridge.protocol import done, dumps, error, request_id
 
 NDJSON = "application/x-ndjson"
 
@@ -28,7 +28,10 @@ async def rpc(request: Request) -> Response:
     except BodyTooLarge as exc:
         return error_response(exc.code, str(exc), headers={"connection": "close"})
     stream = replies(bridge, body)
-    first = await anext(stream)
+    first = await anext(stream, None)
+    if first is None:  # the worker pool is gone: the runtime stopped while the request waited
+        first = error(request_id(body), "not_loaded", "the runtime is shutting down")
+        stream = _ended(request_id(body))
     status, headers = first_reply_status(first)
 
     async def lines() -> AsyncIterator[str]:
@@ -37,3 +40,7 @@ async def rpc(request: Request) -> Response:
             yield dumps(msg) + "\n"
 
     return StreamingResponse(lines(), status_code=status, media_type=NDJSON, headers=headers)
+
+
+async def _ended(rid: str | None) -> AsyncIterator[dict]:
+    yield done(rid, "error")

@@ -58,7 +58,9 @@ class RunningServer:
             access_log=False,  # the bridge logs ids, sizes and timings itself
             lifespan="off",
             timeout_graceful_shutdown=settings.grace_s,
-            limit_concurrency=64,
+            # the Guard answers past limits.max_connections with a typed 429 busy; uvicorn's own
+            # limit (a plain-text 503, counting idle keep-alive connections too) is only a backstop
+            limit_concurrency=2 * settings.limits.max_connections + 8,
             server_header=False,
         )
         self.server = _Server(config, self.bridge)

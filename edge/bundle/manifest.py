@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 from edge import __version__
 from edge.bundle.atomic import recover_interrupted_swap, write_json_atomic
 from edge.errors import InputError, IntegrityError
+from edge.files import FileMissing, kind_of, read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ NOTICE = "NOTICE"
 STAMP = ".verified.json"
 COMPONENTS = ("medgemma", "medsiglip")
 _HASH_CHUNK = 8 << 20
+MAX_MANIFEST_BYTES = 8 << 20  # manifest.json and the verify stamp: read whole, at most 8 MiB
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -169,9 +171,10 @@ class Bundle:
 
     def _read_stamp(self) -> dict:
         try:
-            return json.loads(self._stamp_path().read_text())
-        except (OSError, ValueError):
-            return {}
+            stamp = read_json(self._stamp_path(), limit=MAX_MANIFEST_BYTES, what="verify stamp")
+        except (OSError, InputError):
+            return {}  # no stamp (or a damaged one): every file is re-hashed
+        return stamp if isinstance(stamp, dict) else {}
 
     def verify(
         self,
@@ -207,6 +210,10 @@ class Bundle:
                 st = path.stat()
             except FileNotFoundError:
                 rep.error = "missing"
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hash; a device never ends
+                rep.error = f"{kind_of(st.st_mode)}, not a regular file"
+                new_stamp.pop(entry["path"], None)
                 continue
             if st.st_size != entry["bytes"]:
                 rep.error = (
@@ -245,15 +252,22 @@ def open_bundle(root: str | os.PathLike) -> Bundle:
     recover_interrupted_swap(root, marker=MANIFEST)
     mpath = root / MANIFEST
     if not root.is_dir():
+        if root.exists():
+            raise InputError(f"bundle {root} is {kind_of(root.stat().st_mode)}, not a bundle directory")
         raise InputError(
             f"bundle {root} does not exist; build one with `medgemma-edge export` or `make demo`"
         )
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        manifest = read_json(
+            mpath,
+            limit=MAX_MANIFEST_BYTES,
+            what="bundle manifest",
+            hint="; the bundle is damaged, re-export it",
+        )
+    except FileMissing:
         raise InputError(f"{root} is not a bundle: it has no {MANIFEST}") from None
-    except ValueError as exc:
-        raise InputError(f"{mpath} is not valid JSON ({exc}); the bundle is damaged, re-export it") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{mpath} is not a JSON object; the bundle is damaged, re-export it")
     fmt = manifest.get("format")
     if fmt != FORMAT:
         raise InputError(
@@ -262,7 +276,12 @@ def open_bundle(root: str | os.PathLike) -> Bundle:
     if not isinstance(manifest.get("components"), dict):
         raise InputError(f"{mpath}: no components; the bundle is damaged, re-export it")
     for name, comp in manifest["components"].items():
-        for f in comp.get("files", []):
+        files = comp.get("files", []) if isinstance(comp, dict) else None
+        if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path", ""), str) for f in files
+        ):
+            raise InputError(f"{mpath}: component {name} is malformed; the bundle is damaged, re-export it")
+        for f in files:
             rel = Path(f.get("path", ""))
             if rel.is_absolute() or ".." in rel.parts or not rel.parts:
                 raise InputError(f"{mpath}: component {name} lists an unsafe path {str(rel)!r}")

@@ -3,8 +3,11 @@
 The new bundle is assembled beside the current one (``.NAME.staging-*``): the component's new
 files, the other components' files hard-linked from the current bundle, a fresh manifest and
 NOTICE. Everything is fsynced, then swapped into place (:func:`edge.bundle.atomic.swap_into_place`),
-so an interrupted export leaves the previous bundle as it was. A lock file beside the bundle
-(``.NAME.lock``) keeps two exports from writing it at once.
+so an interrupted export (an error, Ctrl-C, a full disk, SIGKILL at any point) leaves the
+previous bundle as it was. A lock file beside the bundle (``.NAME.lock``) keeps two exports from
+writing it at once; the writer that takes it first removes what a killed one left beside the
+bundle (:func:`edge.bundle.atomic.sweep_litter`). A full disk is a one-line ResourceError that
+names it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from edge import __version__
-from edge.bundle.atomic import fsync_tree, swap_into_place, write_json_atomic
+from edge.bundle.atomic import (
+    disk_full_error,
+    fsync_tree,
+    hold_lock,
+    holds_lock,
+    is_disk_full,
+    staging_prefix,
+    swap_into_place,
+    sweep_litter,
+    write_json_atomic,
+)
 from edge.bundle.manifest import COMPONENTS, FORMAT, MANIFEST, NOTICE, Progress, open_bundle, sha256_file
 from edge.errors import InputError, UsageError
 
@@ -51,15 +64,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    import fcntl
+def locked(root: str | os.PathLike) -> Iterator[None]:
+    """Hold bundle ``root``'s writer lock (``.NAME.lock`` beside it) and clear what a killed writer
+    left. An exporter holds it for its whole run, so its scratch directory
+    (:func:`edge.bundle.atomic.work_prefix`) is never taken for litter; a :class:`BundleWriter`
+    opened inside takes it again (re-entrant in one thread).
 
-    lock = root.parent / f".{root.name}.lock"
-    with open(lock, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another export is writing bundle {root}; wait for it to finish") from None
+    Raises:
+        UsageError: another export is writing the bundle.
+    """
+    root = Path(root).absolute()
+    first = not holds_lock(root)
+    with hold_lock(root, busy=f"another export is writing bundle {root}; wait for it to finish"):
+        if first:  # re-entered: the litter-to-be is this thread's own work
+            sweep_litter(root)
         yield
 
 
@@ -107,12 +125,12 @@ class BundleWriter:
         if self.root.exists() and not (self.root / MANIFEST).is_file():
             if any(self.root.iterdir()):
                 raise UsageError(f"{self.root} exists and is not a bundle; choose another --bundle path")
-        self._stack.enter_context(_locked(self.root))
+        self._stack.enter_context(locked(self.root))
         if self._update:
             old = open_bundle(self.root).component(self.name)
             self.component = json.loads(json.dumps({k: v for k, v in old.items() if k != "files"}))
             self._kept = list(old["files"])
-        self.staging = parent / f".{self.root.name}.staging-{os.getpid()}-{secrets.token_hex(4)}"
+        self.staging = parent / f"{staging_prefix(self.root)}{os.getpid()}-{secrets.token_hex(4)}"
         self.staging.mkdir()
         self._stack.callback(lambda: shutil.rmtree(self.staging, ignore_errors=True))
         return self
@@ -175,11 +193,22 @@ class BundleWriter:
         log.info("bundle %s: component %s written (%d files)", self.root, self.name, len(self._files))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Commit on a clean exit; always remove the staging directory. A full disk, in the body
+        or in the commit, becomes a ResourceError naming it (the current bundle is untouched)."""
+        full = exc is not None and is_disk_full(exc, self.root.parent)
         try:
             if exc_type is None:
                 self._commit()
+        except Exception as err:
+            if not is_disk_full(err, self.root.parent):
+                raise
+            full = True
         finally:
-            self._stack.close()
+            self._stack.close()  # the staging directory goes first: the free space reported is real
+        if full:
+            raise disk_full_error(
+                self.root.parent, f"writing bundle {self.root.name}", kept="the bundle was left as it was"
+            ) from None
 
 
 def render_notice(manifest: dict) -> str:

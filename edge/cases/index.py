@@ -19,26 +19,45 @@ creation. Opening it with another encoder is refused, never mixed.
 Crash safety: :meth:`CaseIndex.add` (:mod:`edge.cases.ingest`) embeds a batch, then writes it
 in one transaction (:meth:`CaseIndex.insert_batch`; copies first, through a temp file and
 rename). A kill at any point leaves every batch either fully there or absent; re-running the
-same add skips what is there (by content hash) and adds the rest. Search is brute-force cosine over the whole matrix in numpy, loaded once and
+same add skips what is there (by content hash) and adds the rest. Processes adding at once
+queue on SQLite's write lock (30 s busy timeout); the UNIQUE content hash keeps them from
+adding the same image twice. A new database is built under a temp name and linked into place,
+so a crash while creating never leaves an empty ``cases.sqlite``.
+
+Damage: a database that is truncated or corrupt (detected at open from its header, or by
+SQLite on any read) is an :class:`edge.errors.InputError` naming it and the recovery,
+``medgemma-edge index --index DIR repair`` (:mod:`edge.cases.repair`: re-index from the source
+paths and copies it records); a full disk is a ResourceError naming the disk. Search is brute-force cosine over the whole matrix in numpy, loaded once and
 reloaded only when the database changed (``PRAGMA data_version`` catches other processes).
 Export/import (moving an index between devices) lives in :mod:`edge.cases.transfer`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge.bundle.atomic import disk_full_error, is_disk_full, reporting_disk_full
+from edge.cases.db import (  # DB_NAME, SCHEMA, connect: also imported from here by callers
+    DB_NAME,
+    SCHEMA,
+    connect,
+    create_database,
+    damaged_error,
+    db_error,
+    header_damage,
+)
 from edge.errors import InputError, UsageError
 
 if TYPE_CHECKING:
@@ -47,30 +66,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "medgemma-edge-cases/1"
-DB_NAME = "cases.sqlite"
 FILES_DIR = "files"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cases (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, kept by export/import
-    content_hash TEXT NOT NULL UNIQUE,   -- sha256 of the file's bytes
-    source       TEXT,                   -- absolute path it was added from
-    stored       TEXT,                   -- its copy under files/ (copy policy), else NULL
-    format       TEXT NOT NULL,
-    width        INTEGER NOT NULL,
-    height       INTEGER NOT NULL,
-    fingerprint  TEXT NOT NULL,          -- the encoder's (bundle component + precision)
-    embedding    BLOB NOT NULL,          -- float32 little-endian, L2-normalized
-    created      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS case_meta (
-    case_id INTEGER NOT NULL REFERENCES cases(id) ON DELETE CASCADE,
-    key     TEXT NOT NULL,
-    value   TEXT NOT NULL,
-    PRIMARY KEY (case_id, key)
-);
-CREATE INDEX IF NOT EXISTS case_meta_kv ON case_meta(key, value);
-"""
+
+
+def info_rows(encoder) -> list[tuple[str, str]]:
+    """The ``info`` rows that bind a new index to ``encoder``."""
+    return [
+        ("format", FORMAT),
+        ("fingerprint", encoder.fingerprint),
+        ("precision", encoder.precision),
+        ("dim", str(encoder.dim)),
+        ("model", str(encoder.bundle.component("medsiglip").get("model", "medsiglip"))),
+        ("created", _now()),
+    ]
 
 
 @dataclass
@@ -101,15 +109,6 @@ def parse_pairs(items: Iterable[str] | None, what: str = "--meta") -> dict[str, 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection in WAL mode with foreign keys on; autocommit (transactions are explicit)."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
 
 
 class CaseIndex:
@@ -151,26 +150,29 @@ class CaseIndex:
                 raise UsageError("creating an index needs the encoder it will be bound to")
             if root.exists() and not root.is_dir():
                 raise InputError(f"{root} exists and is not a directory")
-            root.mkdir(parents=True, exist_ok=True)
+            with reporting_disk_full(root.parent, f"creating case index {root}"):
+                root.mkdir(parents=True, exist_ok=True)
+                create_database(db, info_rows(encoder))
+        elif (damage := header_damage(db)) is not None:
+            raise damaged_error(root, damage)
+        conn = None
         try:
             conn = connect(db)
             conn.executescript(SCHEMA)
             if encoder is not None:
-                rows = {
-                    "format": FORMAT,
-                    "fingerprint": encoder.fingerprint,
-                    "precision": encoder.precision,
-                    "dim": str(encoder.dim),
-                    "model": str(encoder.bundle.component("medsiglip").get("model", "medsiglip")),
-                    "created": _now(),
-                }
-                conn.executemany("INSERT OR IGNORE INTO info(key, value) VALUES (?, ?)", rows.items())
+                conn.executemany("INSERT OR IGNORE INTO info(key, value) VALUES (?, ?)", info_rows(encoder))
             info = dict(conn.execute("SELECT key, value FROM info"))
-        except sqlite3.DatabaseError as exc:
-            raise InputError(
-                f"{db} is not a readable case index ({exc}); restore it from an export"
-            ) from None
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            err = db_error(root, exc)
+            if err is exc:
+                err = damaged_error(root, str(exc))
+            raise err from None
         if info.get("format") != FORMAT:
+            conn.close()
+            if not info:
+                raise damaged_error(root, "it has no index information")
             raise InputError(
                 f"{db}: format {info.get('format')!r} is not {FORMAT!r}; this runtime can't use it"
             )
@@ -183,6 +185,26 @@ class CaseIndex:
                 "it was built with, or build a new index"
             )
         return cls(root, conn, info)
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[None]:
+        """This index's lock, and SQLite failures as library errors (damage, full disk, busy)."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                err = db_error(self.root, exc)
+                if err is exc:
+                    raise
+                raise err from None
+
+    def check(self) -> None:
+        """Read every page (``PRAGMA quick_check``): InputError with the recovery when damaged.
+        Linear in the database's size (about a second per GB)."""
+        with self._db():
+            rows = [r[0] for r in self.conn.execute("PRAGMA quick_check(3)")]
+        if rows != ["ok"]:
+            raise damaged_error(self.root, "; ".join(rows))
 
     def close(self) -> None:
         with self._lock:
@@ -203,11 +225,11 @@ class CaseIndex:
         return int(self.info["dim"])
 
     def count(self) -> int:
-        with self._lock:
+        with self._db():
             return self.conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
 
     def has(self, content_hash: str) -> bool:
-        with self._lock:
+        with self._db():
             row = self.conn.execute("SELECT 1 FROM cases WHERE content_hash = ?", (content_hash,))
             return row.fetchone() is not None
 
@@ -216,12 +238,33 @@ class CaseIndex:
     def add(self, sources: Iterable[str | os.PathLike], *, encoder, **options) -> AddReport:
         """Index image files and folders (recursive), one transaction per batch; resumable.
 
+        The database is checked first (:meth:`check`). A full disk is a ResourceError naming it;
+        the batches committed before it stay, the half-written copies of this call are removed.
+
         See :func:`edge.cases.ingest.add_files` for the options (meta, copy, batch_size,
         cancel, progress, on_added) and what is skipped.
         """
         from edge.cases.ingest import add_files
 
-        return add_files(self, sources, encoder=encoder, **options)
+        self.check()  # never write into a damaged database: it would spread the damage
+        try:
+            return add_files(self, sources, encoder=encoder, **options)
+        except OSError as exc:
+            if not is_disk_full(exc, self.root):
+                raise
+            self._remove_temp_copies()
+            raise disk_full_error(
+                self.root, f"adding to case index {self.root}", kept="committed cases are kept"
+            ) from None
+        except BaseException:
+            self._remove_temp_copies()
+            raise
+
+    def _remove_temp_copies(self) -> None:
+        """Remove the half-written copies (``files/*/.NAME.tmp-PID``) this process left."""
+        for tmp in (self.root / FILES_DIR).glob(f"*/.*.tmp-{os.getpid()}"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def insert_batch(
         self, rows: list[dict], embeddings: np.ndarray, *, meta: dict[str, str], on_row=None
@@ -236,7 +279,7 @@ class CaseIndex:
         t0 = time.perf_counter()
         created = _now()
         inserted = 0
-        with self._lock:
+        with self._db():
             cur = self.conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -267,7 +310,8 @@ class CaseIndex:
                         on_row()
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already (disk full)
+                    cur.execute("ROLLBACK")
                 raise
             self._writes += 1
         log.info(
@@ -287,7 +331,7 @@ class CaseIndex:
         copy of the matrix); a deletion (the counts disagree) reloads it all. The arrays returned
         are views that later refreshes never write into: treat them as read-only.
         """
-        with self._lock:
+        with self._db():
             version = (self.conn.execute("PRAGMA data_version").fetchone()[0], self._writes)
             if self._cache is not None and self._cache[0] == version:
                 return self._cache[1], self._cache[2]
@@ -329,7 +373,7 @@ class CaseIndex:
 
     def _filter_ids(self, where: dict[str, str]) -> set[int]:
         ids: set[int] | None = None
-        with self._lock:
+        with self._db():
             for k, v in where.items():
                 got = {
                     r[0]
@@ -372,7 +416,7 @@ class CaseIndex:
 
     def _entries(self, hits: list[tuple[int, float]]) -> list[Entry]:
         out = []
-        with self._lock:
+        with self._db():
             for case_id, score in hits:
                 src, stored, digest, created = self.conn.execute(
                     "SELECT source, stored, content_hash, created FROM cases WHERE id = ?", (case_id,)
@@ -418,7 +462,7 @@ class CaseIndex:
 
     def stats(self) -> dict:
         """Non-identifying facts: count, encoder, created, metadata keys with their counts."""
-        with self._lock:
+        with self._db():
             keys = dict(self.conn.execute("SELECT key, COUNT(*) FROM case_meta GROUP BY key ORDER BY key"))
         return {"index": str(self.root), "cases": self.count(), **self.info, "metadata_keys": keys}
 

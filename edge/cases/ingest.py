@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.cases.index import FILES_DIR, CaseIndex
-from edge.errors import Cancelled, EdgeError, InputError, TooLargeError, UsageError
+from edge.errors import Cancelled, EdgeError, InputError, UsageError
+from edge.files import check_regular, read_bytes, walk_files
 from edge.media.images import MAX_FILE_BYTES, load_image
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,25 @@ class AddReport:
         }
 
 
-def iter_files(sources: Iterable[str | os.PathLike]) -> Iterator[Path]:
-    """Files given, and every file under the folders given (recursive, sorted; hidden ones skipped)."""
+def iter_files(
+    sources: Iterable[str | os.PathLike], *, skipped: list[tuple[str, str]] | None = None
+) -> Iterator[Path]:
+    """Files given, and every regular file under the folders given (recursive, sorted; hidden
+    ones skipped). Entries of a folder that are not regular files (devices, FIFOs, sockets,
+    broken links) are left out and appended to ``skipped`` as ``(path, reason)``.
+
+    Raises:
+        InputError: a path given does not exist, or is itself not a regular file or a folder.
+    """
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            for dirpath, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if not name.startswith("."):
-                        yield Path(dirpath) / name
-        elif p.is_file():
-            yield p
-        else:
+            yield from walk_files(p, skipped=skipped)
+        elif not os.path.lexists(p):
             raise InputError(f"{p} does not exist (give image files or folders)")
+        else:
+            check_regular(p, "image")  # a FIFO, a device, a socket given by name: refused
+            yield p
 
 
 def add_files(
@@ -110,8 +115,9 @@ def add_files(
         raise UsageError(f"batch size must be at least 1 (got {batch_size})")
     meta = dict(meta or {})
     t0 = time.perf_counter()
-    files = list(iter_files(sources))
-    rep = AddReport(files=len(files))
+    skipped: list[tuple[str, str]] = []
+    files = list(iter_files(sources, skipped=skipped))
+    rep = AddReport(files=len(files) + len(skipped), failed=skipped)
     seen: set[str] = set()
     pending: list[dict] = []
     for i, path in enumerate(files):
@@ -139,16 +145,8 @@ def add_files(
 def _prepare(index: CaseIndex, path: Path, encoder, seen: set[str], rep: AddReport) -> dict | None:
     """Read, hash, skip duplicates, decode and preprocess one file; None when skipped."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise TooLargeError(
-                f"{size / 2**20:.0f} MiB is over the {MAX_FILE_BYTES / 2**20:.0f} MiB image limit"
-            )
-        data = path.read_bytes()
-    except OSError as exc:
-        rep.failed.append((str(path), f"can't read it ({exc.strerror})"))
-        return None
-    except TooLargeError as exc:
+        data = read_bytes(path, limit=MAX_FILE_BYTES, what="image")  # regular files only, bounded
+    except InputError as exc:  # gone, unreadable, not a regular file any more, over the limit
         rep.failed.append((str(path), str(exc)))
         return None
     digest = hashlib.sha256(data).hexdigest()
@@ -180,14 +178,22 @@ def _prepare(index: CaseIndex, path: Path, encoder, seen: set[str], rep: AddRepo
 
 
 def _copy_in(root: Path, src: str, digest: str, suffix: str) -> str:
-    """Copy a file into files/ through a temp name + fsync + rename; returns its relative path."""
+    """Copy a file into files/ through a temp name + fsync + rename; returns its relative path.
+
+    The source is read again through :func:`edge.files.read_bytes` (regular files only, bounded)
+    and must still hash to ``digest``: a file replaced since it was embedded is not stored.
+    """
     rel = f"{FILES_DIR}/{digest[:2]}/{digest}{suffix}"
     dst = root / rel
     if not dst.exists():
+        data = read_bytes(src, limit=MAX_FILE_BYTES, what="image")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise InputError(f"image {src} changed while it was being indexed; run the same add again")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
     return rel

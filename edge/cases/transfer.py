@@ -12,7 +12,9 @@ Export writes the archive through a temp file and renames it into place. Import 
 manifest, every member's hash, the database's integrity and (given one) the encoder fingerprint
 in a staging directory beside the target, and only then renames it into place: a failed import
 leaves nothing behind. Only the members listed above are extracted (no paths from the archive
-are trusted). Cases added by reference (no copy) keep their original source paths, which name
+are trusted); an archive with any member that is not a regular file or a folder (a link, a
+device, a FIFO) is refused, and each member is bounded (``manifest.json`` 8 MiB, image copies the
+image limit, ``cases.sqlite`` :data:`MAX_DB_BYTES`) and must fit on the disk before extraction. Cases added by reference (no copy) keep their original source paths, which name
 files on the exporting device.
 """
 
@@ -35,12 +37,24 @@ from pathlib import Path
 
 from edge.bundle.manifest import sha256_file
 from edge.cases.index import DB_NAME, FILES_DIR, CaseIndex, connect
-from edge.errors import InputError, UsageError
+from edge.errors import InputError, ResourceError, TooLargeError, UsageError
+from edge.files import MAX_JSON_BYTES, check_regular, format_bytes
+from edge.media.images import MAX_FILE_BYTES
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "medgemma-edge-cases-export/1"
 MANIFEST = "manifest.json"
+# the largest cases.sqlite an archive may hold (image copies: the image limit, MAX_FILE_BYTES;
+# manifest.json: MAX_JSON_BYTES, 8 MiB)
+MAX_DB_BYTES = int(os.environ.get("MEDGEMMA_EDGE_MAX_INDEX_DB_BYTES", 32 << 30))
+_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+}
 _MEMBER = re.compile(
     rf"^(?:{re.escape(DB_NAME)}|{FILES_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{64}}(?:\.[A-Za-z0-9]{{1,7}})?)$"
 )
@@ -103,31 +117,39 @@ def import_index(
             the archive is refused.
     Raises:
         UsageError: ``root`` already holds something.
-        InputError: not an index export, a damaged member, another encoder's index.
+        InputError: not an index export (or not a regular file), a damaged member, a member
+            that is a link or a device, another encoder's index.
+        TooLargeError: a member over its size limit.
+        ResourceError: the members don't fit on the disk.
     """
     archive, root = Path(archive), Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise UsageError(f"{root} is not empty; import into a new index directory")
-    if not archive.is_file():
-        raise InputError(f"{archive} does not exist")
+    check_regular(archive, "index archive")  # a FIFO or a device is refused, not read
     root.parent.mkdir(parents=True, exist_ok=True)
     stage = root.with_name(f".{root.name}.import-{os.getpid()}-{secrets.token_hex(4)}")
     stage.mkdir()
     try:
         try:
             tar = tarfile.open(archive, "r:*")
+        except tarfile.ReadError:
+            raise InputError(f"{archive} is not an index export (not a tar archive)") from None
         except (tarfile.TarError, OSError) as exc:
-            raise InputError(f"{archive} is not an index export ({exc})") from None
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise InputError(f"{archive} is not an index export ({reason})") from None
         with tar:
+            _check_members(tar, archive)
             manifest = _read_manifest(tar, archive)
             if fingerprint is not None and manifest["fingerprint"] != fingerprint:
                 raise InputError(
                     f"{archive} holds an index built with another MedSigLIP encoder (fingerprint "
                     f"{manifest['fingerprint']}, {manifest.get('precision')}); this bundle's is {fingerprint}"
                 )
-            for rel, want in manifest["files"].items():
+            for rel in manifest["files"]:
                 if not _MEMBER.match(rel):
                     raise InputError(f"{archive}: unexpected member {rel!r} in the manifest")
+            _check_space(tar, manifest, stage, archive)
+            for rel, want in manifest["files"].items():
                 _extract(tar, rel, stage / rel, want, archive)
         with contextlib.closing(connect(stage / DB_NAME)) as c:
             ok = c.execute("PRAGMA integrity_check").fetchone()[0]
@@ -144,16 +166,68 @@ def import_index(
     return manifest
 
 
+def _check_members(tar: tarfile.TarFile, archive: Path) -> None:
+    """Refuse an archive with a member that is not a regular file or a folder (a symbolic or
+    hard link, a device, a FIFO): an export never writes one."""
+    for m in tar.getmembers():
+        if not (m.isfile() or m.isdir()):
+            kind = _KINDS.get(m.type, f"type {m.type!r}")
+            raise InputError(
+                f"{archive}: member {m.name!r} is {kind}, not a regular file; this is not an index export"
+            )
+
+
+def _check_space(tar: tarfile.TarFile, manifest: dict, stage: Path, archive: Path) -> None:
+    """Each listed member within its size limit and its manifest size, and room for them all."""
+    total = 0
+    for rel, want in manifest["files"].items():
+        try:
+            member = tar.getmember(rel)
+        except KeyError:
+            raise InputError(f"{archive}: {rel} is missing; export the index again") from None
+        limit = MAX_DB_BYTES if rel == DB_NAME else MAX_FILE_BYTES
+        if member.size > limit:
+            raise TooLargeError(
+                f"{archive}: {rel} is {format_bytes(member.size)}, over the {format_bytes(limit)} limit"
+            )
+        if not isinstance(want, dict) or member.size != want.get("bytes"):
+            raise InputError(f"{archive}: {rel} does not match its manifest size (damaged in transit?)")
+        total += member.size
+    free = shutil.disk_usage(stage).free
+    if total > free:
+        raise ResourceError(
+            f"importing {archive} needs {format_bytes(total)} on the disk of {stage.parent}, "
+            f"which has {format_bytes(free)} free"
+        )
+
+
+def archive_manifest(archive: str | os.PathLike) -> dict:
+    """The manifest of an index export archive (bounded read; the archive must be a regular file).
+
+    Raises:
+        InputError: not a regular file, not a tar archive, or not a medgemma-edge index export.
+    """
+    archive = Path(archive)
+    check_regular(archive, "index archive")
+    try:
+        with tarfile.open(archive) as tar:
+            return _read_manifest(tar, archive)
+    except tarfile.TarError:
+        raise InputError(f"{archive} is not a tar archive (an index export)") from None
+
+
 def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict:
     try:
         member = tar.getmember(MANIFEST)
+        if not member.isfile() or member.size > MAX_JSON_BYTES:
+            raise ValueError(f"{MANIFEST} is not a regular file of at most {format_bytes(MAX_JSON_BYTES)}")
         f = tar.extractfile(member)
-        manifest = json.loads(f.read()) if f else None
-    except (KeyError, ValueError, tarfile.TarError):
+        manifest = json.loads(f.read(MAX_JSON_BYTES + 1)) if f else None
+    except (KeyError, ValueError, RecursionError, tarfile.TarError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise InputError(f"{archive} is not a medgemma-edge index export (no valid {MANIFEST})")
-    if DB_NAME not in manifest.get("files", {}):
+    if not isinstance(manifest.get("files"), dict) or DB_NAME not in manifest["files"]:
         raise InputError(f"{archive}: the manifest lists no {DB_NAME}")
     return manifest
 
@@ -168,11 +242,13 @@ def _extract(tar: tarfile.TarFile, rel: str, dst: Path, want: dict, archive: Pat
     dst.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     src = tar.extractfile(member)
+    written = 0
     with open(dst, "wb") as out:
-        while chunk := src.read(1 << 20):
+        while written <= member.size and (chunk := src.read(1 << 20)):  # never past the member's size
             h.update(chunk)
             out.write(chunk)
+            written += len(chunk)
         out.flush()
         os.fsync(out.fileno())
-    if h.hexdigest() != want.get("sha256") or dst.stat().st_size != want.get("bytes"):
+    if h.hexdigest() != want.get("sha256") or written != want.get("bytes"):
         raise InputError(f"{archive}: {rel} does not match its manifest hash (damaged in transit?)")

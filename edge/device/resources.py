@@ -6,11 +6,13 @@ instead of being killed by the OOM killer halfway through a load.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge.bundle.gguf_header import GGUFHeader
+from edge.errors import UsageError
 
 _KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -19,10 +21,20 @@ BUDGET_ENV = "MEDGEMMA_EDGE_MEMORY_BUDGET"  # e.g. "3.5G": never plan to use mor
 
 
 def parse_bytes(text: str) -> int:
-    """'3.5G', '512M', '1024' -> bytes (binary units)."""
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
+    """'3.5G', '512M', '1024' -> bytes (binary units).
+
+    Raises:
+        UsageError: not a finite, non-negative size.
+    """
+    clean = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(clean[-1:], 1)
+    try:
+        value = float(clean[:-1] if scale > 1 else clean)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{text!r} is not a size (e.g. 512M, 3.5G, 1048576)")
+    return int(value * scale)
 
 
 def available_memory() -> int:

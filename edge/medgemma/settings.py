@@ -20,7 +20,7 @@ IMAGE_ENCODERS = ("auto", "onnx", "mmproj")
 class MedGemmaSettings:
     """How to load and run MedGemma on this device (defaults suit a laptop CPU)."""
 
-    quant: str | None = setting(None, "which text model of the bundle (e.g. Q4_K_M); default: the profile's")
+    quant: str | None = setting(None, "which text model of the bundle (e.g. Q4_K_M)")
     n_ctx: int = setting(
         4096,
         "context length in tokens (a longer prompt is refused)",

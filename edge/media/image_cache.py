@@ -51,6 +51,12 @@ class ImageCache:
         with self._lock:
             return list(self._mem.values())
 
+    def clear(self) -> None:
+        """Forget every entry held in memory (the on-disk store, if any, is kept)."""
+        with self._lock:
+            self._mem.clear()
+            self._bytes = 0
+
     def get(self, key: str) -> np.ndarray | None:
         """The embeddings stored under ``key`` (memory, then disk), or None; counts a hit or miss."""
         with self._lock:

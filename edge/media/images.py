@@ -26,9 +26,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge.errors import InputError, MissingDependency, TooLargeError
+from edge.files import read_bytes
 
 log = logging.getLogger(__name__)
 
+# the largest image file read (512 MiB; a path is read at most this + 1 bytes, regular files only)
 MAX_FILE_BYTES = int(os.environ.get("MEDGEMMA_EDGE_MAX_IMAGE_BYTES", 512 << 20))
 MAX_PIXELS = int(os.environ.get("MEDGEMMA_EDGE_MAX_IMAGE_PIXELS", 64_000_000))  # per frame
 DICOM_MAGIC_OFFSET = 128
@@ -50,23 +52,15 @@ class LoadedImage:
 
 
 def _read(src: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str]:
+    """The file's bytes (a path: read through :func:`edge.files.read_bytes`, regular files only,
+    at most ``max_bytes``) and the name messages use for it."""
     if isinstance(src, bytes | bytearray | memoryview):
         data = bytes(src)
         name = "image"
     else:
         path = Path(src)
         name = path.name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise InputError(f"image {path} does not exist") from None
-        if path.is_dir():
-            raise InputError(f"{path} is a directory, not an image")
-        if size > max_bytes:
-            raise TooLargeError(
-                f"{name}: {size / 2**20:.0f} MiB is over the {max_bytes / 2**20:.0f} MiB image limit"
-            )
-        data = path.read_bytes()
+        data = read_bytes(path, limit=max_bytes, what="image")
     if len(data) > max_bytes:
         raise TooLargeError(
             f"{name}: {len(data) / 2**20:.0f} MiB is over the {max_bytes / 2**20:.0f} MiB image limit"
@@ -171,7 +165,7 @@ def _load_dicom(data: bytes, name: str, max_pixels: int, frame: int | None) -> t
     try:
         arr = ds.pixel_array if frames == 1 else _one_frame(ds, index)
     except (RuntimeError, NotImplementedError) as exc:
-        if ts is not None and getattr(ts, "is_compressed", False):
+        if _is_compressed(ts):
             raise InputError(
                 f"{name}: can't decode DICOM transfer syntax '{ts_name}' here (no decoder installed for it); "
                 f"convert it to an uncompressed DICOM or PNG first"
@@ -224,6 +218,15 @@ def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     lo = center - 0.5 - (width - 1) / 2
     hi = center - 0.5 + (width - 1) / 2
     return _stretch(np.clip(values, lo, hi), lo, hi)
+
+
+def _is_compressed(ts) -> bool:
+    """Whether a transfer syntax UID names a compressed syntax; False for a UID that is not a
+    transfer syntax at all (pydicom raises ValueError asking a corrupted one)."""
+    try:
+        return ts is not None and bool(ts.is_transfer_syntax and ts.is_compressed)
+    except (AttributeError, ValueError):
+        return False
 
 
 def _one_frame(ds, index: int) -> np.ndarray:

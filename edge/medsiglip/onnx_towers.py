@@ -9,8 +9,8 @@ onnxruntime maps it, so a tampered, truncated or missing file fails with its nam
 from __future__ import annotations
 
 import io
-import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +18,12 @@ import numpy as np
 from edge.bundle.manifest import Bundle, open_bundle
 from edge.device import accel
 from edge.errors import InputError
+from edge.files import check_regular, read_bytes, read_json
 from edge.medsiglip.preprocess import ImageSpec, SiglipTokenizer, TextSpec, images_to_batch
 
 COMPONENT = "medsiglip"
 TOWERS = {"vision": "pixel_values", "text": "input_ids"}
+MAX_LABEL_EMBEDDINGS_BYTES = 256 << 20  # label-embeddings.npz, read whole
 
 
 def _bundle(bundle: Bundle | str | os.PathLike) -> Bundle:
@@ -60,21 +62,48 @@ def load_session(
 
 
 def load_preprocessing(bundle: Bundle | str | os.PathLike) -> tuple[ImageSpec, SiglipTokenizer]:
-    """The image spec and tokenizer the bundle's towers expect (verified first)."""
+    """The image spec and tokenizer the bundle's towers expect (verified first).
+
+    ``preprocess.json`` is read through :func:`edge.files.read_json` (a regular file, at most
+    :data:`edge.files.MAX_JSON_BYTES`, 8 MiB); the SentencePiece model is only checked to be a
+    regular file (sentencepiece reads it itself).
+    """
     b = _bundle(bundle)
     b.verify(component=COMPONENT, roles={"preprocess", "tokenizer"}).raise_for_failure()
-    spec = json.loads(b.path(b.file(COMPONENT, "preprocess")).read_text(encoding="utf-8"))
-    tok = SiglipTokenizer(b.path(b.file(COMPONENT, "tokenizer")), TextSpec.from_json(spec["text"]))
-    return ImageSpec.from_json(spec["image"]), tok
+    spec = read_json(b.path(b.file(COMPONENT, "preprocess")), what="MedSigLIP preprocess spec")
+    try:
+        text, image = TextSpec.from_json(spec["text"]), ImageSpec.from_json(spec["image"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(
+            f"bundle {b.root}: the MedSigLIP preprocess spec is malformed ({type(exc).__name__}: {exc}); "
+            "re-export the bundle"
+        ) from None
+    tok_path = b.path(b.file(COMPONENT, "tokenizer"))
+    check_regular(tok_path, "MedSigLIP tokenizer")
+    try:
+        tok = SiglipTokenizer(tok_path, text)
+    except (OSError, RuntimeError, KeyError) as exc:  # sentencepiece can't load it, no eos token
+        raise InputError(
+            f"MedSigLIP tokenizer {tok_path} can't be loaded ({exc}); re-export the bundle"
+        ) from None
+    return image, tok
 
 
 def load_label_embeddings(bundle: Bundle | str | os.PathLike) -> dict[str, np.ndarray]:
-    """The precomputed, L2-normalized label embeddings: set name -> ``[labels, D]``."""
+    """The precomputed, L2-normalized label embeddings: set name -> ``[labels, D]``.
+
+    The ``.npz`` is read through :func:`edge.files.read_bytes` (at most
+    :data:`MAX_LABEL_EMBEDDINGS_BYTES`, 256 MiB).
+    """
     b = _bundle(bundle)
     b.verify(component=COMPONENT, roles={"label-embeddings"}).raise_for_failure()
-    data = b.path(b.file(COMPONENT, "label-embeddings")).read_bytes()
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    path = b.path(b.file(COMPONENT, "label-embeddings"))
+    data = read_bytes(path, limit=MAX_LABEL_EMBEDDINGS_BYTES, what="label embeddings")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"label embeddings {path} can't be read ({exc}); re-export the bundle") from None
 
 
 @dataclass

@@ -137,12 +137,16 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
 
 
 def _load_json(path: Path, what: str) -> dict:
+    """A checkpoint's JSON file (a regular file of at most 8 MiB, through edge.files)."""
+    from edge.files import FileMissing, read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        obj = read_json(path, what=f"{what} file")
+    except FileMissing:
         raise InputError(f"{path.parent} has no {path.name}; is it a {what}?") from None
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} is not a JSON object; is it a {what}?")
+    return obj
 
 
 def _shards(src: Path) -> tuple[list[Path], dict[str, str]]:

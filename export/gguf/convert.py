@@ -19,6 +19,7 @@ renamed, not copied). Long steps report ``progress(done, total)``; nothing here 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -31,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from edge.bundle import registry
-from edge.bundle.write import BundleWriter
+from edge.bundle.atomic import is_disk_full, reporting_disk_full, work_prefix
+from edge.bundle.write import BundleWriter, locked
 from edge.errors import EdgeError, ResourceError, UsageError, require
 from export.choices import parse_choices
 from export.gguf.checkpoint import Checkpoint, estimate_bytes, inspect_checkpoint, rename_tensor
@@ -75,6 +77,18 @@ def parse_quants(spec: str | list[str]) -> list[str]:
     )
 
 
+def check_unquantized(quants: list[str], outtype: str) -> None:
+    """An unquantized ``--quant`` (F16, BF16, F32) keeps the text conversion, so it must be the
+    ``--outtype``: UsageError naming both otherwise (``--quant F16 --outtype f32``)."""
+    base = outtype.upper()
+    for q in quants:
+        if q not in QUANTS and q != base:
+            raise UsageError(
+                f"--quant {q} keeps the text conversion, which is --outtype {outtype} here: "
+                f"give --outtype {q.lower()} to keep {q} text, or --quant {base}"
+            )
+
+
 def parse_mmproj(spec: str | list[str]) -> list[str]:
     """``"f16,q8_0"`` → ``["f16", "q8_0"]``; UsageError on an unknown type."""
     return parse_choices(spec, choices=MMPROJ_TYPES, what="mmproj type")
@@ -91,7 +105,12 @@ class _Reporting:
         self.nbytes = tensor.nbytes
 
     def tofile(self, fout) -> None:
-        self._t.tofile(fout)
+        try:
+            self._t.tofile(fout)
+        except OSError as exc:  # numpy's "N requested and M written" has no errno: name a full disk
+            if exc.errno is None and is_disk_full(exc, Path(fout.name).parent):
+                raise OSError(errno.ENOSPC, "no space left on device", fout.name) from exc
+            raise
         self._report(self.nbytes)
 
 
@@ -249,6 +268,7 @@ def export_medgemma(
     mm_list = parse_mmproj(mmproj)
     if outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    check_unquantized(quant_list, outtype)
     ckpt = inspect_checkpoint(src)
     from export.twin import twin_info
 
@@ -257,7 +277,9 @@ def export_medgemma(
     if spec.kind != COMPONENT or spec.architecture != "Gemma3ForConditionalGeneration":
         raise UsageError(f"registry entry {spec.id} is not a MedGemma (Gemma 3 multimodal) model")
     bundle = Path(bundle).absolute()
-    if bundle.exists() and not (bundle / "manifest.json").is_file() and any(bundle.iterdir()):
+    if bundle.exists() and (
+        not bundle.is_dir() or (not (bundle / "manifest.json").is_file() and any(bundle.iterdir()))
+    ):
         raise UsageError(f"{bundle} exists and is not a bundle; choose another --bundle path")
     plan = plan_sizes(ckpt, outtype=outtype, quants=quant_list, mmproj=mm_list)
     check_disk(bundle.parent, sum(plan.values()))
@@ -290,73 +312,90 @@ def export_medgemma(
         return out
 
     bundle.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.gguf-work-", dir=bundle.parent))
-    try:
-        name = spec.hf_id.split("/")[-1] + (" (synthetic twin)" if twin else "")
+    need = sum(plan.values())
+    # the lock for the whole run: a second export fails now, not after converting, and the scratch
+    # directory is never taken for a dead writer's litter; a full disk is one line naming it
+    with (
+        locked(bundle),
+        reporting_disk_full(
+            bundle.parent, f"exporting to {bundle.name}", need=need, kept="the bundle was left as it was"
+        ),
+    ):
+        work = Path(tempfile.mkdtemp(prefix=work_prefix(bundle, "gguf"), dir=bundle.parent))
+        try:
+            name = spec.hf_id.split("/")[-1] + (" (synthetic twin)" if twin else "")
 
-        def converted(kind: str, to: str, file: str) -> Path:
-            return timed(
-                f"convert {kind} {to}", convert, ckpt, kind=kind, outtype=to, out=work / file, model_name=name
-            )
-
-        base_q = outtype.upper()
-        base = converted("text", outtype, f"text-{base_q}.gguf")
-        texts: dict[str, Path] = {base_q: base}
-        for q in quant_list:
-            if q != base_q:
-                texts[q] = timed(
-                    f"quantize {q}", quantize, base, work / f"text-{q}.gguf", quant=q, threads=threads
+            def converted(kind: str, to: str, file: str) -> Path:
+                return timed(
+                    f"convert {kind} {to}",
+                    convert,
+                    ckpt,
+                    kind=kind,
+                    outtype=to,
+                    out=work / file,
+                    model_name=name,
                 )
-        mmprojs = {t: converted("mmproj", t, f"mmproj-{t}.gguf") for t in mm_list}
-        table = None
-        if fidelity:
-            from export.gguf.fidelity import measure
 
-            table = timed("fidelity", measure, ckpt.path, texts=texts, mmprojs=mmprojs, threads=threads)
-        kept = {q: p for q, p in texts.items() if q in quant_list}
-        t0 = time.perf_counter()
-        with BundleWriter(bundle, COMPONENT, progress=step("hash")) as w:
-            files = []
-            for role, items in (("text", kept), ("mmproj", mmprojs)):
-                for q, p in items.items():
-                    rel = f"{COMPONENT}/{role}-{q}.gguf"
-                    os.replace(p, w.path(rel))
-                    size = w.path(rel).stat().st_size
-                    files.append(
-                        w.add_file(
-                            rel,
-                            role=role,
-                            quant=q,
-                            gguf=gguf_facts(w.path(rel)),
-                            **ram_estimate(
-                                role=role, file_bytes=size, ckpt_text=ckpt.text, ckpt_vision=ckpt.vision
-                            ),
-                        )
+            base_q = outtype.upper()
+            base = converted("text", outtype, f"text-{base_q}.gguf")
+            texts: dict[str, Path] = {base_q: base}
+            for q in quant_list:
+                if q != base_q:
+                    texts[q] = timed(
+                        f"quantize {q}", quantize, base, work / f"text-{q}.gguf", quant=q, threads=threads
                     )
-            prompt = spec.prompt_spec()
-            prompt["chat_template"] = ckpt.chat_template  # the checkpoint's own, as in its GGUF
-            w.component.update(
-                provenance="exported",
-                source=source_info(ckpt, spec),
-                licence=spec.licence,
-                prompt=prompt,
-                defaults=spec.defaults,
-                model={
-                    "architecture": ckpt.config["architectures"][0],
-                    "n_embd": int(ckpt.text.get("hidden_size", 2560)),
-                    "n_layers": int(ckpt.text.get("num_hidden_layers", 34)),
-                    "mm_tokens_per_image": int(ckpt.config.get("mm_tokens_per_image", 256)),
-                    "image_size": int(ckpt.vision.get("image_size", 896)),
-                },
-                fidelity=table,
-                requirements={f["path"]: f["ram_bytes"] for f in files},
-                profiles=spec.profiles,
-                modifications=modifications(outtype, list(kept), mm_list),
-                export={"outtype": outtype, "tool": tool_versions(), "steps": steps},
+            mmprojs = {t: converted("mmproj", t, f"mmproj-{t}.gguf") for t in mm_list}
+            table = None
+            if fidelity:
+                from export.gguf.fidelity import measure
+
+                table = timed("fidelity", measure, ckpt.path, texts=texts, mmprojs=mmprojs, threads=threads)
+            kept = {q: p for q, p in texts.items() if q in quant_list}
+            t0 = time.perf_counter()
+            with BundleWriter(bundle, COMPONENT, progress=step("hash")) as w:
+                files = []
+                for role, items in (("text", kept), ("mmproj", mmprojs)):
+                    for q, p in items.items():
+                        rel = f"{COMPONENT}/{role}-{q}.gguf"
+                        os.replace(p, w.path(rel))
+                        size = w.path(rel).stat().st_size
+                        files.append(
+                            w.add_file(
+                                rel,
+                                role=role,
+                                quant=q,
+                                gguf=gguf_facts(w.path(rel)),
+                                **ram_estimate(
+                                    role=role, file_bytes=size, ckpt_text=ckpt.text, ckpt_vision=ckpt.vision
+                                ),
+                            )
+                        )
+                prompt = spec.prompt_spec()
+                prompt["chat_template"] = ckpt.chat_template  # the checkpoint's own, as in its GGUF
+                w.component.update(
+                    provenance="exported",
+                    source=source_info(ckpt, spec),
+                    licence=spec.licence,
+                    prompt=prompt,
+                    defaults=spec.defaults,
+                    model={
+                        "architecture": ckpt.config["architectures"][0],
+                        "n_embd": int(ckpt.text.get("hidden_size", 2560)),
+                        "n_layers": int(ckpt.text.get("num_hidden_layers", 34)),
+                        "mm_tokens_per_image": int(ckpt.config.get("mm_tokens_per_image", 256)),
+                        "image_size": int(ckpt.vision.get("image_size", 896)),
+                    },
+                    fidelity=table,
+                    requirements={f["path"]: f["ram_bytes"] for f in files},
+                    profiles=spec.profiles,
+                    modifications=modifications(outtype, list(kept), mm_list),
+                    export={"outtype": outtype, "tool": tool_versions(), "steps": steps},
+                )
+            steps.append(
+                {"step": "hash + commit", "seconds": round(time.perf_counter() - t0, 2), "bytes": None}
             )
-        steps.append({"step": "hash + commit", "seconds": round(time.perf_counter() - t0, 2), "bytes": None})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t_start
     log.info("exported %s to %s in %.1fs", ckpt.path, bundle, total)
     return ExportResult(bundle, files, table, steps, total)

@@ -7,6 +7,7 @@ against the size :func:`export.gguf.checkpoint.estimate_bytes` expects.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from edge.bundle.atomic import free_bytes
 from edge.errors import EdgeError
 from export.gguf.checkpoint import estimate_bytes
 
@@ -58,7 +60,9 @@ def quantize(
         progress: ``(bytes written, bytes expected)`` twice a second, then ``(size, size)``.
 
     Raises:
-        EdgeError: llama.cpp failed (its return code is named).
+        OSError: ENOSPC, when llama.cpp failed with under 1 MiB left on ``dst``'s disk (it says no
+            more than a return code; the caller names the disk).
+        EdgeError: llama.cpp failed otherwise (its return code is named).
     """
     import llama_cpp
 
@@ -72,6 +76,9 @@ def quantize(
     with _watch_size(dst, expected, progress), quiet_llama():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
+        free = free_bytes(dst.parent)
+        if free is not None and free < (1 << 20):
+            raise OSError(errno.ENOSPC, f"no space left while quantizing to {quant}", str(dst))
         raise EdgeError(f"llama.cpp could not quantize {src.name} to {quant} (return code {rc})")
     if progress:
         progress(dst.stat().st_size, dst.stat().st_size)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.bundle.atomic import work_prefix
 from edge.bundle.manifest import open_bundle
 from edge.bundle.write import BundleWriter
 from edge.errors import InputError, UsageError, require
@@ -179,9 +180,9 @@ def export_vision_onnx(
     vc = model.config.vision_config
     spec = preprocess_spec(src, model)
     entries = []
-    with (
-        tempfile.TemporaryDirectory(dir=Path(bundle).absolute().parent) as tmp,
+    with (  # the scratch directory is made while the writer holds the bundle's lock
         BundleWriter(bundle, "medgemma", update=True, progress=progress) as w,
+        tempfile.TemporaryDirectory(prefix=work_prefix(w.root, "vision"), dir=w.root.parent) as tmp,
     ):
         ref = _reference(wrapper, spec["height"])
         fp32 = _export_fp32(

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.bundle import registry
+from edge.bundle.atomic import work_prefix
 from edge.bundle.manifest import open_bundle
 from edge.bundle.write import BundleWriter
 from edge.errors import InputError, UsageError, require
@@ -268,7 +269,7 @@ def export_medsiglip(
     bundle = Path(bundle)
     with (
         BundleWriter(bundle, COMPONENT) as w,
-        tempfile.TemporaryDirectory(prefix=".medsiglip-work-", dir=w.staging.parent) as work_dir,
+        tempfile.TemporaryDirectory(prefix=work_prefix(w.root, "onnx"), dir=w.staging.parent) as work_dir,
     ):
         work = Path(work_dir)
         fp32: dict[str, Path] = {}

@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from edge.errors import EdgeError, require
+from edge.errors import EdgeError, UsageError, require
 
 # a checkout's models/bundles (make demo; gitignored), else a per-user data directory
 DEFAULT_ROOT = (
@@ -192,10 +192,17 @@ def ask_twin_with_image(bundle: Path, question: str, *, threads: int | None = No
 
 def run_demo(args: argparse.Namespace) -> int:
     from edge.bundle.manifest import open_bundle
+    from edge.files import kind_of
+    from medgemma_edge.common import check_range
     from medgemma_edge.demo.cases import demo_cases
     from medgemma_edge.demo.medsiglip import demo_medsiglip
 
     root: Path = args.root
+    check_range("--threads", args.threads, 0, 1024)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--root {root} is {kind_of(root.stat().st_mode)}, not a folder")
+    if not args.question.strip():
+        raise UsageError("--question is empty")
     demo, demo_270m = root / "demo", root / "demo-270m"
     print("medgemma-edge demo — everything runs on this machine; nothing is downloaded.")
     print(f"[1/7] synthetic twins (random weights, real architectures) in {root / 'twins'}")
