@@ -23,9 +23,6 @@ from edge.errors import Busy
 if TYPE_CHECKING:
     from android_bridge.bridge import Bridge, Context
 
-MAX_K = 100
-
-
 @dataclass
 class Outcome:
     value: dict | None
@@ -207,9 +204,7 @@ def op_classify(bridge: Bridge, ctx: Context) -> Outcome:
 
 def op_search_similar(bridge: Bridge, ctx: Context) -> Outcome:
     p = ctx.req.params
-    k = 5 if p.get("k") is None else p["k"]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ProtocolError("invalid_request", f"k must be an integer from 1 to {MAX_K}")
+    k = 5 if p.get("k") is None else p["k"]  # its type and range: android_bridge.params
     index = bridge.runtime.require_index()
     encoder = bridge.runtime.require("medsiglip")
     side = p.get("thumbnails")

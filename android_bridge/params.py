@@ -22,6 +22,7 @@ MAX_LABELS = 256  # labels scored by one classify
 MAX_MESSAGES = 512  # turns of one conversation
 MAX_PARTS = 256  # parts of one message
 MAX_ID_CHARS = 128
+MAX_K = 100  # cases one search_similar returns
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ PARAMS: dict[str, dict[str, P]] = {
     "search_similar": {
         "image": IMAGE,
         "text": P(str),
-        "k": P(int, minimum=1, maximum=100),
+        "k": P(int, minimum=1, maximum=MAX_K),
         "thumbnails": P(int),  # its range is checked by the op (android_bridge.pictures.THUMBNAIL_SIDES)
     },
     "cancel": {"target": P(str)},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 from pathlib import Path
@@ -11,8 +10,6 @@ from pathlib import Path
 from edge.errors import InputError, UsageError
 from medgemma_edge.common import emit_json
 from medgemma_edge.options import add_model_options, open_model
-
-log = logging.getLogger(__name__)
 
 
 def add_ask_parser(sub: argparse._SubParsersAction) -> None:
