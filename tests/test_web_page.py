@@ -193,10 +193,13 @@ def test_ask_about_a_png_and_a_dicom_stop_findings_cases_report(web, browser, tm
     assert low_contrast(page) == []
     png = tmp_path / "chest.png"
     Image.fromarray((np.random.default_rng(1).random((300, 260)) * 255).astype("uint8")).save(png)
-    for _ in range(5):  # by keyboard: Tab to the drop zone's file input, Space opens the picker
+    order = []
+    for _ in range(20):  # by keyboard: Tab to the drop zone's file input, Space opens the picker
         page.keyboard.press("Tab")
-        if page.evaluate("() => document.activeElement.id") == "file":
+        order.append(page.evaluate("() => document.activeElement.id || document.activeElement.tagName"))
+        if order[-1] == "file":
             break
+    assert order[-1] == "file", f"Tab never reached the file input: {order}"
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")
     chooser.value.set_files(str(png))
