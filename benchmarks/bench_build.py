@@ -23,8 +23,8 @@ import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from edge.device import accel
 n_backends = accel.load_backends()
-from llama_cpp import Llama
-llm = Llama(sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
+from edge.medgemma.llama_binding import load_llama
+llm = load_llama(sys.argv[1], repack=True, n_ctx=512, n_threads=2, verbose=False)
 toks = llm.tokenize(("The chest radiograph shows no acute abnormality. " * 20).encode())
 best_p = best_g = 0.0
 for _ in range(3):

@@ -66,12 +66,13 @@ def run_runtime(model: MedGemma, n: int) -> tuple[float, float]:
 
 
 def bench_text(bundle: Path, n_tokens: int, rounds: int, threads: int | None) -> list[tuple]:
-    from llama_cpp import Llama
+    from edge.medgemma.llama_binding import load_llama
 
     model = MedGemma(bundle, n_ctx=1024, n_threads=threads)
     text_path = str(model.bundle.path(model.bundle.file("medgemma", "text")))
-    raw = Llama(
+    raw = load_llama(  # raw llama-cpp-python with its defaults (repacking on where the CPU takes it)
         text_path,
+        repack=True,
         n_ctx=1024,
         n_threads=model.n_threads,
         n_threads_batch=model.n_threads,

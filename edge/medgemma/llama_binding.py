@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import threading
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from edge.errors import MissingDependency, ResourceError
 SUPPORTED_VERSIONS = ("0.3.36",)
 IMAGE_POSITION_ID = 0  # what the token list holds at image positions (they have no token id)
 _PARAMS_LOCK = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def check_version(installed: str) -> None:
@@ -66,6 +68,39 @@ def binding():
 # -- loading ----------------------------------------------------------------------------------
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (Sapphire Rapids and later Xeons), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def effective_repack(repack: bool) -> bool:
+    """``repack`` as this CPU can take it. On an AMX CPU llama.cpp's extra buffer types put the
+    weights in its AMX buffer, and llama.cpp as built by llama-cpp-python 0.3.36 then crashes
+    (SIGSEGV in ggml_backend_amx_mul_mat on the first decode: ggml-org/llama.cpp#20824; seen
+    here on a 2-core Xeon with AMX-INT8 on the tiny twin's Q8_0). There the weights stay as they
+    are in the file (mapped), which is always correct, with one log line."""
+    if repack and cpu_has_amx():
+        _note_amx_once()
+        return False
+    return repack
+
+
+@functools.cache
+def _note_amx_once() -> None:
+    log.info(
+        "llama.cpp: weight repacking is off on this AMX CPU (llama.cpp's AMX buffer crashes in this "
+        "build, ggml-org/llama.cpp#20824); weights are used as stored"
+    )
+
+
 def load_llama(path: Path, *, repack: bool, **kwargs):
     """``llama_cpp.Llama(model_path=path, **kwargs)``, with llama.cpp's weight repacking switched
     as asked (the binding has no argument for ``use_extra_bufts``, so its default model params
@@ -73,6 +108,8 @@ def load_llama(path: Path, *, repack: bool, **kwargs):
     binding()
     import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
+
+    repack = effective_repack(repack)
 
     with _PARAMS_LOCK:
         default = lc.llama_model_default_params

@@ -49,8 +49,9 @@ def open_medgemma(
     """A ``llama_cpp.Llama`` over a verified text GGUF (``quant``, default the first listed), with
     an ``MTMDChatHandler`` for images when the bundle has an mmproj (``mmproj`` type, default the
     first listed)."""
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from edge.medgemma.llama_binding import load_llama
 
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     text = b.file("medgemma", "text", **({"quant": quant} if quant else {}))
@@ -60,8 +61,9 @@ def open_medgemma(
     checked = load_checked(b, "medgemma", paths={text["path"]} | ({mm["path"]} if mm else set()))
     paths = [checked[text["path"]]] + ([checked[mm["path"]]] if mm else [])
     handler = MTMDChatHandler(clip_model_path=str(paths[1]), verbose=verbose) if mm else None
-    return Llama(
-        model_path=str(paths[0]),
+    return load_llama(  # llama-cpp-python's defaults (repacking on), as this CPU can take them
+        paths[0],
+        repack=True,
         chat_handler=handler,
         n_ctx=n_ctx,
         n_threads=threads,
