@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from android_bridge import media, ops, params
+from android_bridge import clinic, media, ops, params
 from android_bridge.pictures import Thumbnails
 from android_bridge.protocol import (
     ProtocolError,
@@ -44,6 +44,8 @@ from android_bridge.protocol import (
 from android_bridge.runtime import RETRY_AFTER_S, Runtime
 from android_bridge.settings import Limits
 from edge.errors import EdgeError
+
+MEDGEMMA_OPS = ("generate", "prepare_image")  # the ops that take MedGemma from idle background work
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict], None]
@@ -97,11 +99,19 @@ class Bridge:
         self, runtime: Runtime, *, allow_paths: bool = True, workers: int = 8, limits: Limits | None = None
     ):
         self.runtime = runtime
+        self.dicom: dict | None = None  # set by serve when its DICOM node listens: {ae_title, host, port}
+        self.dicom_node: Any = None  # android_bridge.dicom_node.DicomNode, when one listens
+        self.deliverer: Any = None  # edge.reports.outbox.Deliverer, when a destination is configured
+        # background work on MedGemma while the device is idle (android_bridge.clinic): each event is
+        # set, and the work waited for, as soon as a request needs the model
+        self.idle_cancels: set[threading.Event] = set()
+        self.last_request_at = 0.0  # monotonic time of the last request that needed MedGemma
         self.allow_paths = allow_paths
         self.limits = limits or Limits()
         self._inflight = 0  # submitted and not finished (queued for a worker or running)
         self.transports: list[str] = ["in-process"]
-        self.shutdown_hooks: list[Callable[[], None]] = []
+        self.shutdown_hooks: list[Callable[[], None]] = []  # stop the transports (the shutdown op)
+        self.closers: list[Callable[[], None]] = []  # stop the DICOM node, the outbox ... (shutdown())
         self.shutting_down = threading.Event()
         self._active: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
@@ -215,12 +225,16 @@ class Bridge:
             req,
             safe,
             cancel,
-            budget=media.ImageBudget(self.limits.max_images, self.limits.max_request_pixels),
+            budget=media.ImageBudget(
+                self.limits.max_images, self.limits.max_request_pixels, studies=self.runtime.studies
+            ),
         )
         outcome, failure = None, None
         try:
             if self.shutting_down.is_set() and req.op not in ("health", "cancel"):
                 raise ProtocolError("not_loaded", "the runtime is shutting down")
+            if req.op in MEDGEMMA_OPS:
+                self._yield_idle_work()
             outcome = ops.HANDLERS[req.op](self, ctx)
         except Exception as exc:
             failure = exc
@@ -259,6 +273,17 @@ class Bridge:
             hook()
         return finish
 
+    def _yield_idle_work(self) -> None:
+        """Cancel background work on MedGemma (android_bridge.clinic) and wait for it to let go."""
+        self.last_request_at = time.monotonic()
+        if not self.idle_cancels:
+            return
+        for ev in list(self.idle_cancels):
+            ev.set()
+        deadline = time.monotonic() + 30.0
+        while self.idle_cancels and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def cancel(self, target: str) -> bool:
         """Cancel a running request by id. True when it was running (it will end cancelled)."""
         with self._lock:
@@ -285,6 +310,12 @@ class Bridge:
         while self._active and time.monotonic() < deadline:
             time.sleep(0.02)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception:  # one failing closer must not keep the others from running
+                log.exception("bridge: a closer failed at shutdown")
+        self.closers.clear()
         self.runtime.close()
 
     def preload(self, names: list[str]) -> threading.Thread:
@@ -355,8 +386,12 @@ def call(bridge: Bridge, request: Any) -> list[dict]:
 def bridge_for(settings) -> Bridge:
     """A bridge over ``settings``' bundle(s) (android_bridge.settings.ServeSettings), with its
     models preloading in the background (``health`` shows them loading)."""
+    studies, reports = clinic.open_stores(settings)
     runtime = Runtime(
         settings.bundle,
+        studies=studies,
+        reports=reports,
+        delivery=settings.delivery,
         medsiglip_bundle=settings.medsiglip_bundle,
         index_dir=settings.index,
         medgemma_settings=settings.medgemma,
@@ -364,5 +399,9 @@ def bridge_for(settings) -> Bridge:
         image_cache=settings.image_cache,
     )
     bridge = Bridge(runtime, allow_paths=settings.allow_paths, limits=settings.limits)
+    for store in (studies, reports):  # closed last, after everything that writes to them stopped
+        if store is not None:
+            bridge.closers.append(store.close)
+    clinic.attach(bridge, settings)
     bridge.preload([n for n in settings.preload if runtime.available(n)])
     return bridge

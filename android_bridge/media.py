@@ -1,8 +1,10 @@
 """Request params → what the runtime takes: conversations, images, generation options.
 
 An image source is one of ``{"base64": "..."}``, ``{"url": "data:image/png;base64,..."}``,
-``{"path": "/abs/file.dcm"}`` (only where the bridge allows paths), or a data-URL string;
-any of them may add ``"frame": N`` for a multi-frame DICOM. Inside ``messages``, an image part
+``{"path": "/abs/file.dcm"}`` (only where the bridge allows paths), ``{"study": UID,
+"instance": UID}`` (a DICOM instance the runtime received, from its study store; ``instance``
+left out: the study's first displayable one), or a data-URL string; any of them may add
+``"frame": N`` for a multi-frame DICOM. Inside ``messages``, an image part
 carries its source: ``{"type": "image", "base64": ...}`` or OpenAI's ``{"type": "image_url",
 "image_url": {"url": "data:..."}}``. Remote URLs are refused: the runtime never goes online.
 """
@@ -45,11 +47,16 @@ def _b64(data: str) -> bytes:
         raise _bad("image data is not valid base64") from None
 
 
-def load(src: Any, *, allow_paths: bool = True, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Decode one image source (see the module docstring).
+def load(
+    src: Any, *, allow_paths: bool = True, max_pixels: int = MAX_PIXELS, studies: Any = None
+) -> LoadedImage:
+    """Decode one image source (see the module docstring). ``studies`` is the runtime's
+    :class:`edge.studies.store.StudyStore` (None: study sources are refused as not available).
 
     Raises:
         ProtocolError(invalid_request): a malformed source, a path where paths aren't allowed.
+        ProtocolError(not_loaded): a study source on a runtime without a study store.
+        NotFoundError: a study or instance the store doesn't hold.
         InputError / TooLargeError: from edge.media.images (not an image, over the size limits).
     """
     frame = None
@@ -69,15 +76,61 @@ def load(src: Any, *, allow_paths: bool = True, max_pixels: int = MAX_PIXELS) ->
             if not isinstance(url, str):
                 raise _bad("image_url needs 'url': a data: URL string")
             data = decode_data_url(url)
+        elif "study" in src:
+            data = study_instance_path(src, studies)
         elif isinstance(src.get("path"), str):
             if not allow_paths:
                 raise _bad("this transport does not accept file paths; send the image as base64")
             data = src["path"]
         else:
-            raise _bad("an image needs one of: base64, url (data:), path")
+            raise _bad("an image needs one of: base64, url (data:), path, study (+ instance)")
     else:
         raise _bad("an image must be an object or a data: URL string")
     return load_image(data, frame=frame, max_pixels=max_pixels)
+
+
+def source_bytes(src: Any) -> bytes:
+    """The bytes of an inline source (base64 or a data: URL), e.g. to check them against a hash."""
+    if isinstance(src, str):
+        return decode_data_url(src)
+    if isinstance(src, dict) and isinstance(src.get("base64"), str):
+        return _b64(src["base64"])
+    if isinstance(src, dict) and isinstance(src.get("url"), str):
+        return decode_data_url(src["url"])
+    raise _bad("give the image inline: base64 or a data: URL")
+
+
+def study_instance_path(src: dict, studies: Any):
+    """The stored file of ``{"study": UID, "instance"?: UID}``: the named instance, else the
+    study's first displayable one. The store is the runtime's own, so this works where file
+    paths are refused."""
+    study, instance = src.get("study"), src.get("instance")
+    if not isinstance(study, str) or not study or len(study) > 64:
+        raise _bad("study must be a DICOM UID (a string of up to 64 characters)")
+    if instance is not None and (not isinstance(instance, str) or not instance or len(instance) > 64):
+        raise _bad("instance must be a DICOM UID (a string of up to 64 characters)")
+    if studies is None:
+        raise ProtocolError(
+            "not_loaded", "this runtime keeps no received studies (start serve with --dicom-port or --data)"
+        )
+    if instance is None:
+        instance = first_displayable(studies.get_study(study))
+    return studies.instance_path(study, instance)
+
+
+def first_displayable(study: dict) -> str:
+    """The SOP Instance UID of ``study``'s first displayable instance (by series, then instance
+    number), or InputError saying why none can be shown."""
+    from edge.errors import InputError
+
+    reasons = []
+    for series in study.get("series", []):
+        for inst in series.get("instances", []):
+            if inst.get("displayable"):
+                return inst["sop_instance_uid"]
+            reasons.append(inst.get("why_not") or "not displayable")
+    why = f": {reasons[0]}" if reasons else " (it has no instances)"
+    raise InputError(f"no instance of this study can be shown on this device{why}")
 
 
 class ImageBudget:
@@ -85,9 +138,12 @@ class ImageBudget:
     ``max_pixels`` pixels in all. Each image is refused from its header (``too_large``) once it
     would go over, before its pixels are decoded."""
 
-    def __init__(self, max_images: int = MAX_IMAGES, max_pixels: int = MAX_REQUEST_PIXELS):
+    def __init__(
+        self, max_images: int = MAX_IMAGES, max_pixels: int = MAX_REQUEST_PIXELS, *, studies: Any = None
+    ):
         self.max_images = max_images
         self.max_pixels = max_pixels
+        self.studies = studies  # the runtime's study store, for {"study": ...} sources
         self.images = 0
         self.pixels = 0
 
@@ -104,7 +160,7 @@ class ImageBudget:
         left = self.max_pixels - self.pixels
         limit = min(MAX_PIXELS, left)
         try:
-            image = load(src, allow_paths=allow_paths, max_pixels=max(1, limit))
+            image = load(src, allow_paths=allow_paths, max_pixels=max(1, limit), studies=self.studies)
         except TooLargeError as exc:
             if limit >= MAX_PIXELS:
                 raise

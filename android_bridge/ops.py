@@ -23,6 +23,7 @@ from edge.errors import Busy
 if TYPE_CHECKING:
     from android_bridge.bridge import Bridge, Context
 
+
 @dataclass
 class Outcome:
     value: dict | None
@@ -42,16 +43,31 @@ def op_health(bridge: Bridge, ctx: Context) -> Outcome:
                 "transports": list(bridge.transports),
                 "concurrency": "busy",
                 "images": getattr(rt.slots["medgemma"].model, "media_marker", None) is not None,
-                "image_sources": ["base64", "data_url"] + (["path"] if bridge.allow_paths else []),
+                "image_sources": ["base64", "data_url"]
+                + (["path"] if bridge.allow_paths else [])
+                + (["study"] if rt.studies is not None else []),
                 "medgemma": rt.available("medgemma"),
                 "medsiglip": rt.available("medsiglip"),
                 "index": rt.index is not None or rt.index_dir is not None,
+                "studies": rt.studies is not None,
+                "reports": rt.reports is not None,
+                "dicom": bridge.dicom,  # the DICOM node receiving studies: {ae_title, port, host} | None
+                "delivery": _destinations(rt.delivery),  # where send_report delivers by default
             },
             "models": rt.states(),
             "active_requests": bridge.active,
             "shutting_down": bridge.shutting_down.is_set(),
         }
     )
+
+
+def _destinations(delivery: Any) -> list[dict]:
+    """The configured report destinations (PACS, FHIR endpoint), the default first."""
+    if delivery is None:
+        return []
+    kinds = [delivery.default] + [k for k in ("dicom", "fhir") if k != delivery.default]
+    configured = {"dicom": delivery.pacs, "fhir": delivery.fhir_url}
+    return [delivery.destination(k) for k in kinds if configured[k] is not None]
 
 
 def _model_param(bridge: Bridge, ctx: Context) -> str:
@@ -289,3 +305,8 @@ HANDLERS = {
     "cancel": op_cancel,
     "shutdown": op_shutdown,
 }
+
+# the clinic's ops (studies, reports) live in their own module, over this one's Outcome
+from android_bridge import clinic_ops  # noqa: E402
+
+HANDLERS |= clinic_ops.HANDLERS

@@ -23,6 +23,8 @@ MAX_MESSAGES = 512  # turns of one conversation
 MAX_PARTS = 256  # parts of one message
 MAX_ID_CHARS = 128
 MAX_K = 100  # cases one search_similar returns
+MAX_PAGE = 200  # studies / reports one list returns
+MAX_TEXT_CHARS = 256  # a UID, a name, a role, a date
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,19 @@ class P:
     choices: tuple | None = None
     minimum: int | None = None
     maximum: int | None = None
+    required: bool = False
+    max_chars: int | None = None
 
 
 IMAGE = P((dict, str))  # an image source: checked in full by media.load
 IMAGES = P(list)  # a list of sources (its cap is the bridge's images-per-request limit)
+UID = P(str, required=True, max_chars=64)  # a DICOM UID, or a report id
+OFFSET = P(int, minimum=0, maximum=10**9)
+LIMIT = P(int, minimum=1, maximum=MAX_PAGE)
+DATE = P(str, max_chars=10)  # YYYY-MM-DD (its form is checked by the store)
+REPORT = P(dict, required=True)  # a report's content: checked against the report schema by the store
+VERSION = P(int, minimum=1, maximum=10**6)
+NAME = P(str, required=True, max_chars=MAX_TEXT_CHARS)
 PARAMS: dict[str, dict[str, P]] = {
     "health": {},
     "load": {"model": P(str, choices=MODELS), "options": P(dict)},
@@ -61,6 +72,39 @@ PARAMS: dict[str, dict[str, P]] = {
     },
     "cancel": {"target": P(str)},
     "shutdown": {},
+    "list_studies": {
+        "offset": OFFSET,
+        "limit": LIMIT,
+        "modality": P(str, max_chars=16),
+        "date_from": DATE,
+        "date_to": DATE,
+    },
+    "get_study": {"study": UID},
+    "preview_image": {"image": P((dict, str), required=True)},
+    "save_report": {"report_id": P(str, max_chars=64), "draft": P(dict), "final": REPORT, "source": P(dict)},
+    "sign_report": {
+        "report_id": UID,
+        "version": P(int, minimum=1, maximum=10**6, required=True),
+        "signer": NAME,
+        "role": NAME,
+    },
+    "amend_report": {"report_id": UID, "final": REPORT, "reason": P(str, required=True, max_chars=4096)},
+    "list_reports": {
+        "study": P(str, max_chars=64),
+        "image_sha256": P(str, max_chars=64),
+        "status": P(str, choices=("draft", "signed")),
+        "offset": OFFSET,
+        "limit": LIMIT,
+    },
+    "get_report": {"report_id": UID, "version": VERSION},
+    "export_report": {
+        "report_id": UID,
+        "version": VERSION,
+        "format": P(str, choices=("sr", "fhir", "pdf"), required=True),
+        "image": IMAGE,  # an uploaded image again, for the PDF's thumbnail (it must match image_sha256)
+    },
+    "send_report": {"report_id": UID, "version": VERSION, "destination": P(dict)},
+    "outbox": {},
 }
 _NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number"}
 _PLURALS = {dict: "objects", str: "strings"}
@@ -78,6 +122,8 @@ def check(op: str, params: dict) -> None:
         value = params.get(name)
         if value is not None:
             _check(name, value, spec)
+        elif spec.required:
+            raise ProtocolError("invalid_request", f"{op} needs '{name}'")
     if op == "generate":
         from android_bridge import media
 
@@ -95,6 +141,8 @@ def _check(name: str, value: Any, spec: P) -> None:
         raise ProtocolError(
             "invalid_request", f"{name} must be one of {', '.join(spec.choices)}, not {short(value)}"
         )
+    if isinstance(value, str) and spec.max_chars is not None and not 0 < len(value) <= spec.max_chars:
+        raise ProtocolError("invalid_request", f"{name} must be 1 to {spec.max_chars} characters")
     if isinstance(value, int) and (
         (spec.minimum is not None and value < spec.minimum)
         or (spec.maximum is not None and value > spec.maximum)

@@ -30,6 +30,17 @@ OPS = (
     "search_similar",
     "cancel",
     "shutdown",
+    "list_studies",
+    "get_study",
+    "preview_image",
+    "save_report",
+    "sign_report",
+    "amend_report",
+    "list_reports",
+    "get_report",
+    "export_report",
+    "send_report",
+    "outbox",
 )
 ERROR_CODES = (
     "loading",
@@ -40,6 +51,8 @@ ERROR_CODES = (
     "too_large",
     "cancelled",
     "internal",
+    "not_found",
+    "conflict",
 )
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 MODELS = ("medgemma", "medsiglip")
@@ -54,6 +67,8 @@ HTTP_STATUS = {
     "too_large": 413,
     "cancelled": 499,
     "internal": 500,
+    "not_found": 404,
+    "conflict": 409,
 }
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_REQUEST_BYTES = 64 << 20  # one request, as text (the line and HTTP transports cut at the same size)

@@ -75,6 +75,10 @@ class Runtime:
         image_cache: MedGemma's :class:`~edge.media.image_cache.ImageCache` (default: its own).
         opener: ``opener(name, bundle, settings, progress) -> model`` (default :meth:`open_model`);
             an embedding app or a test wraps it to watch or hold a load.
+        studies: the study store (edge.studies.store.StudyStore) that received DICOM goes to and
+            ``{"study": ...}`` image sources come from; None: none kept.
+        reports: the report store (edge.reports.store.ReportStore); None: reports aren't kept.
+        delivery: where ``send_report`` delivers (android_bridge.delivery.DeliverySettings).
     """
 
     def __init__(
@@ -90,6 +94,9 @@ class Runtime:
         medsiglip_settings: MedSigLIPSettings | None = None,
         image_cache: Any = None,
         opener: Opener | None = None,
+        studies: Any = None,
+        reports: Any = None,
+        delivery: Any = None,
     ):
         self.bundle_path = Path(bundle) if bundle else None
         self.medsiglip_path = Path(medsiglip_bundle) if medsiglip_bundle else self.bundle_path
@@ -102,6 +109,9 @@ class Runtime:
         self.image_cache = image_cache
         self.opener: Opener = opener or self.open_model
         self.slots = {"medgemma": Slot("medgemma", medgemma), "medsiglip": Slot("medsiglip", encoder)}
+        self.studies = studies  # edge.studies.store.StudyStore: received DICOM (None: none kept)
+        self.reports = reports  # edge.reports.store.ReportStore: saved and signed reports
+        self.delivery = delivery  # android_bridge.delivery's settings: where send_report delivers
 
     # -- what is available -------------------------------------------------------------------
 

@@ -77,6 +77,19 @@ class Limits:
         check(self)
 
 
+@dataclass(frozen=True)
+class DicomSettings:
+    """The DICOM node inside ``serve`` (android_bridge.dicom_node): where it listens and whom
+    it accepts. ``port`` None: no node. A ``host`` other than loopback is a LAN bind, logged as
+    such at start-up."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+    ae_title: str = "MEDGEMMA"
+    allowed_aes: tuple[str, ...] = ()  # calling AE titles accepted (empty: any)
+    allowed_peers: tuple[str, ...] = ()  # peer IP addresses accepted (empty: any)
+
+
 @dataclass
 class ServeSettings:
     """Everything ``create_app`` and ``serve`` need; no environment variables are read here.
@@ -101,6 +114,11 @@ class ServeSettings:
     allow_paths: bool = True  # let requests name image files on this device
     grace_s: float = 10.0  # how long shutdown waits for cancelled work to end
     limits: Limits = field(default_factory=Limits)  # the resource guards
+    data_dir: Path | None = None  # received studies and reports (None: neither is kept)
+    dicom: DicomSettings | None = None  # the DICOM node (None: none)
+    index_received: bool = False  # add each received image to the similar-case index
+    prepare_received: bool = False  # encode the newest received study for MedGemma while idle
+    delivery: Any = None  # android_bridge.delivery.DeliverySettings: where send_report delivers
 
     def __post_init__(self) -> None:
         if len(self.token) < 32:

@@ -4,9 +4,16 @@
                         cached; see full_bundle.py)
     bench_llm.py        the runtime's overhead against raw llama-cpp-python (real Gemma 3 270M)
     bench_cases.py      case-index throughput and search latency (tiny twin + synthetic vectors)
+    bench_encoders.py   the image encoder engines side by side (onnxruntime fp32 / dynamic int8 /
+                        static QDQ int8, OpenVINO fp32 / bf16 / NNCF int8) on the full tower, and
+                        the image-token prefill by n_batch / n_ubatch / threads
+    bench_dicom.py      DICOM node instances/s vs dcmtk's storescp (CT slices, a 20 MB DX)
+    bench_archive.py    Ray archive indexing vs `index add`; ANN search at 10^5 vs exact
+                        (--sizes 100000,1000000 for the phone-scale table)
 
 ``--exports`` (``make bench-export``) adds the export pipelines (bench_gguf_export.py,
-bench_onnx_export.py): each re-runs a full-size export, ~15-25 min apiece on 2 cores.
+bench_onnx_export.py: each re-runs a full-size export, ~15-25 min apiece on 2 cores) and
+bench_quant.py (the quantization ladder with and without an importance matrix: size, KL, time).
 """
 
 from __future__ import annotations
@@ -17,8 +24,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNTIME = ("bench_profiles.py", "bench_llm.py", "bench_cases.py")
-EXPORTS = ("bench_gguf_export.py", "bench_onnx_export.py")
+RUNTIME = (
+    "bench_profiles.py",
+    "bench_llm.py",
+    "bench_cases.py",
+    "bench_encoders.py",
+    "bench_dicom.py",
+    "bench_archive.py",
+)
+EXPORTS = ("bench_gguf_export.py", "bench_onnx_export.py", "bench_quant.py")
 
 
 def main(argv: list[str]) -> int:

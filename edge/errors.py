@@ -52,6 +52,19 @@ class ContextOverflow(ResourceError):
     code = "too_large"
 
 
+class NotFoundError(InputError):
+    """A study, instance, report or other stored record that does not exist. Exit 3."""
+
+    code = "not_found"
+
+
+class ConflictError(EdgeError):
+    """The request contradicts the stored state: changing a signed report, signing twice. Exit 3."""
+
+    exit_code = 3
+    code = "conflict"
+
+
 class Busy(EdgeError):
     """The model is serving another request and the caller asked not to wait."""
 

@@ -238,3 +238,17 @@ def walk_files(
                 report(str(p), f"{kind_of(st.st_mode)}, not a regular file; skipped")
                 continue
             yield p
+
+
+DATA_ENV = "MEDGEMMA_EDGE_DATA"
+
+
+def data_dir() -> Path:
+    """The runtime's data directory on this device: received studies (``studies/``), saved
+    reports and their outbox (``reports/``). ``$MEDGEMMA_EDGE_DATA``, else
+    ``$XDG_DATA_HOME/medgemma-edge``, else ``~/.local/share/medgemma-edge``. Not created here."""
+    override = os.environ.get(DATA_ENV)
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "medgemma-edge"

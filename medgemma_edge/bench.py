@@ -198,6 +198,30 @@ def _medsiglip_figures(bundle, threads: int) -> dict:
     return {"medsiglip_encode_s": time.perf_counter() - t0, "medsiglip_precision": sig.precision}
 
 
+def quick_calibration(bundle, *, threads: int) -> dict:
+    """``bench --quick``: :func:`edge.medgemma.vision.calibrate` on one noise image at the
+    encoder's size; returns its result with the CPU class and threads."""
+    from edge.device import accel
+    from edge.medgemma.vision import calibrate
+
+    entry = next(
+        (
+            f
+            for f in bundle.component("medgemma")["files"]
+            if f["role"] == "vision-onnx" and "preprocess" in f
+        ),
+        None,
+    )
+    if entry is None:
+        raise UsageError(
+            f"bundle {bundle.root} has no exported image encoder to calibrate; export one with "
+            "`export medgemma ... --vision-onnx int8,int8-static`"
+        )
+    image = _noise_image(int(entry["preprocess"]["height"]))
+    result = calibrate(bundle, image, threads=threads)
+    return {**result, "threads": threads, "cpu": accel.cpu_class()}
+
+
 def append_history(result: dict, path: Path = HISTORY) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -219,6 +243,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--no-image", action="store_true")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the one-time device calibration: time each image-encoder engine on one image and "
+        "record the fastest that meets the fidelity bar (the runtime then uses it)",
+    )
     p.add_argument("--history", type=Path, default=HISTORY, help=f"append results here (default {HISTORY})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_bench_cli)
@@ -235,6 +265,21 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     if args.history.exists() and not args.history.is_file():  # checked before the minutes of measuring
         raise UsageError(f"--history {args.history} is {kind_of(args.history.stat().st_mode)}, not a file")
     bundle, settings, cache = medgemma_settings(args)  # the profile's choices with the flags applied
+    if args.quick:
+        q = quick_calibration(bundle, threads=settings.n_threads or os.cpu_count() or 1)
+        if args.json:
+            emit_json({"ok": True, **q})
+            return 0
+        print(f"{bundle.root} — image encoder engines on this device ({q['threads']} threads, {q['cpu']})")
+        for name, row in q["engines"].items():
+            cos = row.get("cosine_min_vs_fp32")
+            mark = "  <- chosen" if name == q["choice"] else ("" if row["meets_bar"] else "  (below the bar)")
+            print(
+                f"  {name:<16} {row['seconds']:>7.2f} s  open {row['open_seconds']:>5.2f} s  "
+                f"cosine vs fp32 {'-' if cos is None else f'{cos:.5f}'}{mark}"
+            )
+        print(f"recorded in {q['state']}")
+        return 0
     r = run_bench(
         bundle.root,
         profile=args.profile,

@@ -5,6 +5,7 @@ medgemma-edge classify -b B IMAGE [--labels "a,b,c" | --label-set cxr] [--json]
 medgemma-edge index -b B --index DIR add FILE_OR_DIR... [--meta key=value]... [--copy]
 medgemma-edge index --index DIR export OUT.tar
 medgemma-edge index -b B --index DIR import IN.tar
+medgemma-edge index -b B --index DIR import-archive ARCHIVE_DIR   (shards of `archive index`)
 medgemma-edge index --index DIR info
 medgemma-edge index -b B --index DIR repair      (a damaged database: re-index what it records)
 medgemma-edge search -b B --index DIR (IMAGE | --text "query") [--k 5] [--where key=value]... [--json]
@@ -142,7 +143,13 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     m = acts.add_parser("import", help="unpack an exported .tar into a new --index directory")
     m.add_argument("archive", type=Path, metavar="IN.tar")
     m.add_argument("--json", action="store_true")
-    for q in (a, i, r, e, m):  # also accept the shared options after the action
+    ia = acts.add_parser(
+        "import-archive",
+        help="add the Parquet shards of `medgemma-edge archive index` (builds the ANN graph)",
+    )
+    ia.add_argument("archive", type=Path, metavar="ARCHIVE_DIR")
+    ia.add_argument("--json", action="store_true")
+    for q in (a, i, r, e, m, ia):  # also accept the shared options after the action
         _encoder_options(q, suppress=True)
         _index_option(q, suppress=True)
     p.set_defaults(func=run_index)
@@ -155,6 +162,7 @@ def run_index(args: argparse.Namespace) -> int:
         "repair": _index_repair,
         "export": _index_export,
         "import": _index_import,
+        "import-archive": _index_import_archive,
     }
     return verbs[args.action](args)
 
@@ -249,6 +257,30 @@ def _index_import(args) -> int:
         emit_json({"ok": True, "index": str(args.index), **man})
     else:
         print(f"imported {man['cases']} cases into {args.index}")
+    return 0
+
+
+def _index_import_archive(args) -> int:
+    from edge.files import read_json
+    from export.archive.load import import_archive
+    from export.archive.shards import MANIFEST
+
+    root = _need_index(args)
+    if not args.bundle:
+        raise UsageError("give the bundle this device searches with (-b/--bundle): its encoder is checked")
+    man = args.archive / MANIFEST
+    built = read_json(man, what="archive manifest").get("precision") if man.is_file() else None
+    enc = _encoder(args, towers=("vision",), precision=_index_precision(root) or built)
+    with progress.bar("importing", unit="case", enabled=not args.json) as cb:
+        rep = import_archive(args.archive, root, encoder=enc, progress=cb)
+    if args.json:
+        emit_json({"ok": True, **rep.to_json()})
+    else:
+        how = f"ANN ({rep.ann['dtype']}, {rep.ann['cases']} cases)" if rep.ann else "exact search"
+        print(
+            f"imported {rep.added} of {rep.rows} archived cases ({rep.already} already there); "
+            f"index {root} has {rep.total} cases, searched by {how}"
+        )
     return 0
 
 

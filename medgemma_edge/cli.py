@@ -26,11 +26,15 @@ COMMANDS: dict[str, str] = {
     "verify": "medgemma_edge.verify",
     "ask": "medgemma_edge.ask",
     "bench": "medgemma_edge.bench",
+    "eval": "medgemma_edge.eval",
     "classify": "medgemma_edge.cases",
     "index": "medgemma_edge.cases",
     "search": "medgemma_edge.cases",
+    "archive": "medgemma_edge.archive",
     "demo": "medgemma_edge.demo.main",
     "serve": "medgemma_edge.serve",
+    "dicom": "medgemma_edge.dicom",
+    "report": "medgemma_edge.report",
 }
 
 PROG = "medgemma-edge"

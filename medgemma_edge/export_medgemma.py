@@ -23,7 +23,7 @@ class _StepBars:
         if step != self._step:
             self._stack.close()
             self._step = step
-            unit = "steps" if step == "fidelity" else "B"
+            unit = "steps" if step in ("fidelity", "kl", "imatrix") else "B"
             self._cb = self._stack.enter_context(progress.bar(step, unit=unit, enabled=self.enabled))
         self._cb(done, total)
 
@@ -42,12 +42,40 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
         "converter, quantize it, measure it against transformers and write the bundle's medgemma "
         "component atomically.",
     )
-    p.add_argument("src", help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument(
+        "src",
+        help="checkpoint directory (config.json, *.safetensors, tokenizer), or a Hugging Face id "
+        "(google/medgemma-4b-it) found in the local cache (never downloaded)",
+    )
     p.add_argument("--bundle", "-b", default=default_bundle(), help="bundle directory to write")
     p.add_argument(
         "--quant",
         default="Q4_K_M",
-        help="comma list of Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0 (F16 keeps the conversion)",
+        help="comma list of Q8_0,Q6_K,Q5_K_M,Q4_K_M,IQ4_XS,Q4_0,IQ3_M (F16 keeps the conversion; "
+        "the IQ types need --imatrix)",
+    )
+    p.add_argument(
+        "--imatrix",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="FILE|default",
+        help="quantize with an importance matrix computed on calibration text: 'default' (the "
+        "project's invented clinical-style text) or your own UTF-8 text file (it stays here; only "
+        "its size and sha256 are recorded)",
+    )
+    p.add_argument(
+        "--kl",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="KL report of every text file against the conversion over held-out text "
+        "(llama-perplexity; default: with fidelity, when `make llama-tools` has built the tools)",
+    )
+    p.add_argument(
+        "--kl-text",
+        default=None,
+        metavar="FILE",
+        help="held-out text for the KL report (default: the project's)",
     )
     p.add_argument(
         "--mmproj", default="f16", help="comma list of f16,q8_0,f32 (vision projector types; empty: none)"
@@ -62,8 +90,18 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vision-onnx",
         default="",
-        help="also export the image encoder (vision tower + projector) to ONNX: comma list of int8,fp32; "
-        "the runtime prefers it to the mmproj (faster on CPUs)",
+        help="also export the image encoder (vision tower + projector) to ONNX: comma list of int8 (dynamic), "
+        "int8-static (QDQ, calibrated), fp32 (OpenVINO runs it in bf16), openvino-int8 (NNCF); the runtime "
+        "prefers it to the mmproj (faster on CPUs) and picks the engine per device",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DIR",
+        help="images to calibrate the static int8 encoders on (default: generated ones; real weights want real images)",
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=4, help="how many calibration images (default 4)"
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON report on stdout")
@@ -93,6 +131,9 @@ def run_export(args: argparse.Namespace) -> int:
             outtype=args.outtype,
             model_id=args.model,
             fidelity=not args.no_fidelity,
+            imatrix=args.imatrix,
+            kl=args.kl,
+            kl_text=args.kl_text,
             threads=args.threads,
             progress=bars,
         )
@@ -100,7 +141,13 @@ def run_export(args: argparse.Namespace) -> int:
         if args.vision_onnx:
             from export.onnx.medgemma_vision import export_vision_onnx
 
-            vision = export_vision_onnx(args.src, bundle=args.bundle, precisions=args.vision_onnx)
+            vision = export_vision_onnx(
+                args.src,
+                bundle=args.bundle,
+                precisions=args.vision_onnx,
+                calibration=args.calibration,
+                calibration_images=args.calibration_images,
+            )
     if args.json:
         emit_json(
             {
@@ -114,8 +161,15 @@ def run_export(args: argparse.Namespace) -> int:
         )
         return 0
     for f in r.files:
+        if f["role"] == "imatrix":
+            t = f["imatrix"]["text"]
+            print(
+                f"{f['path']:<32} {f['bytes']:>14,d} B  importance matrix: {f['imatrix'].get('chunks', '?')} "
+                f"chunks of {t['bytes']:,d} B text, sha256 {t['sha256'][:12]}…"
+            )
+            continue
         print(f"{f['path']:<32} {f['bytes']:>14,d} B  {f['quant']:<7} RAM ~{f['ram_bytes'] / 2**20:,.0f} MiB")
-    if r.fidelity:
+    if r.fidelity and "text" in r.fidelity:
         print("fidelity vs transformers (float32):  top-1   max|Δlogit|   KL       image top-1")
         for q, row in r.fidelity["text"].items():
             img = row.get("image_prompt", {})
@@ -127,6 +181,10 @@ def run_export(args: argparse.Namespace) -> int:
             print(
                 f"  mmproj {t:<6} image embeddings cosine {row['cosine']:.6f} (worst token {row['cosine_min_token']:.6f})"
             )
+    from medgemma_edge.verify import kl_table_lines
+
+    for line in kl_table_lines((r.fidelity or {}).get("kl"), r.files):
+        print(line)
     for f in vision:
         fid = f["fidelity"]
         print(

@@ -1,4 +1,4 @@
-"""CLI glue for ``export medsiglip SRC --bundle B [--precision int8,fp16,fp32] [--json]``.
+"""CLI glue for ``export medsiglip SRC --bundle B [--precision int8,int8-static,fp16,fp32] [--json]``.
 
 Only parsing and printing; the work is :func:`export.onnx.export_medsiglip`.
 """
@@ -21,7 +21,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="checkpoint directory (google/medsiglip-448 or a twin)")
     p.add_argument("--bundle", "-b", required=True, help="bundle directory to create or update")
-    p.add_argument("--precision", default="int8", help="comma-separated: int8, fp16, fp32 (default int8)")
+    p.add_argument(
+        "--precision",
+        default="int8",
+        help="comma-separated: int8 (dynamic), int8-static (fused attention, static int8: exact and "
+        "faster batches), fp16, fp32 (default int8)",
+    )
     p.add_argument(
         "--int8-variant",
         default=None,
@@ -32,6 +37,16 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--fidelity-images", type=int, default=6, help="fixed synthetic images for the fidelity check"
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DIR",
+        help="folder of images to calibrate int8-static on (default: generated images; use your own "
+        "modality's images for real weights)",
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=8, help="how many calibration images (default 8)"
     )
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for the fidelity runs")
     p.add_argument("--json", action="store_true", help="print one JSON report on stdout")
@@ -45,6 +60,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     check_range("--threads", args.threads, 0, 1024)
     check_range("--fidelity-images", args.fidelity_images, 1, 1000)
+    check_range("--calibration-images", args.calibration_images, 1, 512)
 
     def stage(what: str) -> None:
         print(f"medsiglip: {what}", file=sys.stderr, flush=True)
@@ -57,6 +73,8 @@ def run_export(args: argparse.Namespace) -> int:
             int8_variant=args.int8_variant or graph.DEFAULT_INT8,
             external_data=True if args.external_data else None,
             fidelity_images=args.fidelity_images,
+            calibration=args.calibration,
+            calibration_images=args.calibration_images,
             threads=args.threads,
             progress=cb,
             stage=None if args.json else stage,

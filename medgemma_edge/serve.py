@@ -14,7 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
+from android_bridge.settings import LOOPBACK
 from edge.errors import UsageError, require
+from medgemma_edge.common import port_arg
 from medgemma_edge.options import add_model_options, medgemma_settings
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--medsiglip-bundle", type=Path, help="MedSigLIP from another bundle (default: -b)")
     p.add_argument("--index", type=Path, help="the similar-case index directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this device only)")
-    p.add_argument("--port", type=_port, default=0, help="port (default 0: a free one)")
+    p.add_argument("--port", type=port_arg, default=0, help="port (default 0: a free one)")
     p.add_argument("--endpoint-file", type=Path, help="where to write url/port/pid/token (0600)")
     p.add_argument("--max-body", default="64M", help="largest request body (default 64M)")
     p.add_argument("--no-paths", action="store_true", help="refuse image file paths in requests")
     p.add_argument("--open", action="store_true", help="open the web page in a browser")
     _add_limit_flags(p)
+    _add_clinic_flags(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stdio", action="store_true", help="speak JSON lines on stdin/stdout instead of HTTP")
     mode.add_argument("--unix-socket", type=Path, help="speak JSON lines on this Unix socket instead of HTTP")
@@ -56,6 +59,90 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_clinic_flags(p: argparse.ArgumentParser) -> None:
+    """The DICOM node (``--dicom-port`` ...), the data directory, the ingest rules for received
+    images and where signed reports are delivered (android_bridge.delivery.DeliverySettings)."""
+    from medgemma_edge.dicom import add_dicom_flags
+
+    add_dicom_flags(p)
+    g = p.add_argument_group("received studies and reports")
+    g.add_argument(
+        "--no-data",
+        action="store_true",
+        help="keep no received studies or reports (no DICOM node, no report ops)",
+    )
+    g.add_argument(
+        "--index-received",
+        action="store_true",
+        help="add each received image to the similar-case index (--index), with modality and body part",
+    )
+    g.add_argument(
+        "--prepare-received",
+        action="store_true",
+        help="encode the newest received study for MedGemma while the device is idle",
+    )
+    _add_settings_flags(g, "android_bridge.delivery", "DeliverySettings", "send_")
+
+
+def _add_settings_flags(p, module: str, name: str, prefix: str) -> None:
+    """One flag per field of a settings dataclass (its ``flag``, ``help`` and default)."""
+    import importlib
+
+    from edge.settings import fields, value_type
+
+    cls = getattr(importlib.import_module(module), name)
+    for f in fields(cls):
+        base, _ = value_type(cls, f)
+        p.add_argument(
+            f.metadata["flag"],
+            dest=f"{prefix}{f.name}",
+            type=base,
+            metavar="SECONDS" if base is float else "N" if base is int else "VALUE",
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
+
+
+def _settings_from_flags(args: argparse.Namespace, module: str, name: str, prefix: str):
+    import importlib
+
+    from edge.settings import fields, from_mapping
+
+    cls = getattr(importlib.import_module(module), name)
+    given = {f.name: getattr(args, f"{prefix}{f.name}", None) for f in fields(cls)}
+    return from_mapping(cls, {k: v for k, v in given.items() if v is not None}, where="serve ")
+
+
+def _clinic(args: argparse.Namespace) -> dict:
+    """ServeSettings' clinic fields from the flags."""
+    from android_bridge.settings import DicomSettings
+    from medgemma_edge.dicom import data_root
+
+    if args.no_data:
+        if args.dicom_port is not None or args.index_received or args.prepare_received:
+            raise UsageError(
+                "--no-data keeps no studies: drop --dicom-port, --index-received, --prepare-received"
+            )
+        return {}
+    if args.index_received and not args.index:
+        raise UsageError("--index-received adds received images to the similar-case index: give --index DIR")
+    dicom = None
+    if args.dicom_port is not None:
+        dicom = DicomSettings(
+            port=args.dicom_port,
+            host=args.dicom_host,
+            ae_title=args.ae_title,
+            allowed_aes=tuple(args.allow_ae),
+            allowed_peers=tuple(args.allow_peer),
+        )
+    return {
+        "data_dir": data_root(args),
+        "dicom": dicom,
+        "index_received": args.index_received,
+        "prepare_received": args.prepare_received,
+        "delivery": _settings_from_flags(args, "android_bridge.delivery", "DeliverySettings", "send_"),
+    }
+
+
 def _limits(args: argparse.Namespace):
     """The guards with the flags given applied, each checked (a bad value: UsageError, exit 2)."""
     from android_bridge.settings import Limits
@@ -63,17 +150,6 @@ def _limits(args: argparse.Namespace):
 
     given = {f.name: getattr(args, f"limit_{f.name}", None) for f in fields(Limits)}
     return from_mapping(Limits, {k: v for k, v in given.items() if v is not None}, where="serve ")
-
-
-def _port(text: str) -> int:
-    """A TCP port for argparse: 0 (a free one) to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535; 0 picks a free one)")
-    return port
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -98,6 +174,7 @@ def settings_from_args(args: argparse.Namespace):
         image_cache=image_cache,
         allow_paths=not args.no_paths,
         limits=_limits(args),
+        **_clinic(args),
     )
 
 
@@ -105,6 +182,14 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not settings.loopback:
         log.warning("serve: binding %s exposes the runtime beyond this device", settings.host)
+    if settings.dicom is not None and settings.dicom.host not in LOOPBACK:
+        log.warning(
+            "serve: the DICOM node binds %s (a LAN address): modalities on the network can send to it%s",
+            settings.dicom.host,
+            ""
+            if settings.dicom.allowed_aes or settings.dicom.allowed_peers
+            else ", from any AE title and address",
+        )
     if args.stdio or args.unix_socket:
         return _serve_lines(settings, args)
     require("uvicorn", "serve")
@@ -119,6 +204,9 @@ def run_serve(args: argparse.Namespace) -> int:
     path = server.write_endpoint(settings.endpoint_file)
     print(f"medgemma-edge serve: {server.url} (token and pid in {path})", flush=True)
     print(f"medgemma-edge serve: web page: {_page_line(server, path)}", flush=True)
+    if server.bridge.dicom:
+        d = server.bridge.dicom
+        print(f"medgemma-edge serve: DICOM node {d['ae_title']} on {d['host']}:{d['port']}", flush=True)
     if args.open:
         _open_page(server.page_url)
     try:

@@ -1,4 +1,4 @@
-"""Bundle-level commands: ``verify``."""
+"""Bundle-level commands: ``verify`` (and the KL table it and ``export`` print)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,36 @@ import argparse
 
 from edge.bundle.manifest import open_bundle
 from edge.errors import IntegrityError, UsageError
+from edge.files import format_bytes
 from medgemma_edge import progress
 from medgemma_edge.common import default_bundle, emit_json
+
+
+def kl_table_lines(kl: dict | None, files: list[dict] | None = None) -> list[str]:
+    """The KL report of a manifest's ``fidelity.kl`` as table lines (empty when there is none):
+    per text file its size and RAM estimate (from ``files``), mean and 99th-percentile KL,
+    same-top-token rate and perplexity ratio against the unquantized conversion."""
+    if not kl:
+        return []
+    if "skipped" in kl:
+        return [f"KL report: skipped ({kl['skipped']})"]
+    by_quant = {f.get("quant"): f for f in files or [] if f.get("role") == "text"}
+    text = kl.get("text") or {}
+    lines = [
+        f"KL vs {kl['reference']} over held-out text ({text.get('bytes', 0):,d} B, sha256 "
+        f"{str(text.get('sha256', ''))[:12]}…): {kl['chunks']} chunks of {kl['ctx']} tokens, "
+        f"{kl['positions']:,d} positions; importance matrix: {'yes' if kl.get('imatrix') else 'no'}",
+        f"  {'file':<8} {'size':>12} {'RAM ~':>10} {'mean KL':>9} {'99% KL':>9} {'same top':>9} {'PPL ratio':>10}",
+    ]
+    for quant, row in kl["rows"].items():
+        f = by_quant.get(quant, {})
+        size = format_bytes(f["bytes"]) if "bytes" in f else "-"
+        ram = format_bytes(f["ram_bytes"]) if "ram_bytes" in f else "-"
+        lines.append(
+            f"  {quant:<8} {size:>12} {ram:>10} {row['mean_kl']:>9.5f} {row['kl_p99']:>9.5f} "
+            f"{row['same_top'] * 100:>8.2f}% {row['ppl_ratio']:>10.4f}"
+        )
+    return lines
 
 
 def add_verify_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +56,9 @@ def run_verify(args: argparse.Namespace) -> int:
     b = open_bundle(args.bundle)
     with progress.bar("verify", enabled=not args.json) as cb:
         report = b.verify(trust_stamp=not args.full, progress=cb)
+    kl = (b.components.get("medgemma", {}).get("fidelity") or {}).get("kl")
     if args.json:
-        emit_json({"ok": report.ok, **report.to_json(), "synthetic": b.synthetic})
+        emit_json({"ok": report.ok, **report.to_json(), "synthetic": b.synthetic, "kl": kl})
     else:
         for f in report.files:
             status = "ok " if f.ok else "BAD"
@@ -38,6 +67,10 @@ def run_verify(args: argparse.Namespace) -> int:
             print(
                 f"{status} {f.path:<40} {f.bytes:>14,d} B  {how:<6} {facts}{'  ' + f.error if f.error else ''}"
             )
+        for line in kl_table_lines(kl, b.components.get("medgemma", {}).get("files")):
+            print(line)
+        if kl and b.synthetic:
+            print("  (synthetic twin: random weights; the figures test the pipeline, not a model)")
         print(
             f"{'bundle ok' if report.ok else 'bundle FAILED verification'}: {b.root}"
             + (" (synthetic twin: random weights)" if b.synthetic else "")

@@ -16,6 +16,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from android_bridge.bridge import Bridge
@@ -24,6 +25,7 @@ from android_bridge.runtime import Runtime
 from android_bridge.transcripts import FIXTURES
 
 TRANSPORTS = ("inproc", "stdio", "unix", "http")
+PYDICOM_SAMPLES = Path(pydicom.__file__).parent / "data" / "test_files"  # offline, in the package
 IMAGE_PNG = (FIXTURES / "image.png").read_bytes()
 
 
@@ -164,12 +166,29 @@ class Transports:
 
 
 @pytest.fixture(scope="session")
-def twin_bridge(twin_model, twin_llm_bundle, medsiglip_bundle):
-    """The tiny twin (images) and MedSigLIP (loaded by the runtime, so unload/load work)."""
-    bridge = make_bridge(bundle=twin_llm_bundle, medsiglip_bundle=medsiglip_bundle, medgemma=twin_model)
+def twin_bridge(twin_model, twin_llm_bundle, medsiglip_bundle, tmp_path_factory):
+    """The tiny twin (images) and MedSigLIP (loaded by the runtime, so unload/load work), with a
+    study store holding pydicom's CT_small.dcm (the only CT: the clinic transcript lists it) and
+    an empty report store."""
+    from edge.reports.store import ReportStore
+    from edge.studies.store import StudyStore
+
+    data = tmp_path_factory.mktemp("clinic-data")
+    studies = StudyStore(data / "studies")
+    studies.add_file(PYDICOM_SAMPLES / "CT_small.dcm")
+    reports = ReportStore(data / "reports")
+    bridge = make_bridge(
+        bundle=twin_llm_bundle,
+        medsiglip_bundle=medsiglip_bundle,
+        medgemma=twin_model,
+        studies=studies,
+        reports=reports,
+    )
     bridge.runtime.load("medsiglip")
     yield bridge
     bridge.runtime.close()
+    studies.close()
+    reports.close()
 
 
 @pytest.fixture(scope="session")

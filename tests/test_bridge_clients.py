@@ -19,6 +19,7 @@ TRANSCRIPTS = [
     "generate_image.jsonl",
     "errors.jsonl",
     "medsiglip.jsonl",
+    "clinic.jsonl",
     "load_unload.jsonl",
 ]
 

@@ -113,6 +113,48 @@ CASES: list[tuple[str, list[str]]] = [
     ("serve-max-body-not-a-size", ["serve", "-b", "{B}", "--max-body", "lots"]),
     ("serve-port-out-of-range", ["serve", "-b", "{B}", "--port", "70000"]),
     ("serve-stdio-and-unix-socket", ["serve", "-b", "{B}", "--stdio", "--unix-socket", "{T}/s"]),
+    ("serve-dicom-port-out-of-range", ["serve", "-b", "{B}", "--dicom-port", "70000"]),
+    ("serve-ae-title-too-long", ["serve", "-b", "{B}", "--dicom-port", "0", "--ae-title", "A" * 17]),
+    ("serve-allow-peer-not-an-address", ["serve", "-b", "{B}", "--dicom-port", "0", "--allow-peer", "x.y"]),
+    ("serve-pacs-no-port", ["serve", "-b", "{B}", "--pacs", "pacs.local"]),
+    ("serve-fhir-url-not-http", ["serve", "-b", "{B}", "--fhir-url", "file:///etc/passwd"]),
+    ("serve-index-received-no-index", ["serve", "-b", "{B}", "--index-received"]),
+    ("serve-data-is-dev-zero", ["serve", "-b", "{B}", "--data", "/dev/zero", "--dicom-port", "0"]),
+    # dicom
+    ("dicom-listen-port-out-of-range", ["dicom", "listen", "--port", "70000", "--data", "{T}/d1"]),
+    ("dicom-listen-data-dev-zero", ["dicom", "listen", "--port", "0", "--data", "/dev/zero"]),
+    ("dicom-import-missing", ["dicom", "import", "{T}/nope", "--data", "{T}/d2"]),
+    ("dicom-import-fifo", ["dicom", "import", "{T}/fifo", "--data", "{T}/d3"]),
+    ("dicom-list-limit-0", ["dicom", "list", "--limit", "0", "--data", "{T}/d4"]),
+    ("dicom-list-bad-date", ["dicom", "list", "--from", "yesterday", "--data", "{T}/d5"]),
+    # report
+    (
+        "report-export-unknown",
+        ["report", "export", "rpt-0000", "--format", "pdf", "--out", "{T}/r.pdf", "--data", "{T}/r1"],
+    ),
+    ("report-export-format-choice", ["report", "export", "rpt-0000", "--format", "docx", "--out", "{T}/r.x"]),
+    ("report-send-no-destination", ["report", "send", "rpt-0000", "--data", "{T}/r2"]),
+    ("report-list-data-fifo", ["report", "list", "--data", "{T}/fifo"]),
+    (
+        "export-imatrix-missing",
+        ["export", "medgemma", "{TW}", "--bundle", "{T}/e11", "--imatrix", "{T}/nope.txt"],
+    ),
+    ("export-iq-without-imatrix", ["export", "medgemma", "{TW}", "--bundle", "{T}/e12", "--quant", "IQ3_M"]),
+    # archive
+    ("archive-src-missing", ["archive", "index", "{T}/nope", "--out", "{T}/arch", "-b", "{B}"]),
+    ("archive-no-bundle", ["archive", "index", "{T}", "--out", "{T}/arch"]),
+    ("archive-info-not-archive", ["archive", "info", "{T}"]),
+    (
+        "index-import-archive-not-archive",
+        ["index", "--index", "{T}/x8", "import-archive", "{T}", "-b", "{B}"],
+    ),
+    # eval
+    ("eval-mcq-missing", ["eval", "-b", "{B}", "--mcq", "{T}/nope.jsonl"]),
+    ("eval-mcq-fifo", ["eval", "-b", "{B}", "--mcq", "{T}/fifo"]),
+    ("eval-mcq-dev-zero", ["eval", "-b", "{B}", "--mcq", "/dev/zero"]),
+    ("eval-mcq-not-json", ["eval", "-b", "{B}", "--mcq", "{T}/bad.json"]),
+    ("eval-limit-0", ["eval", "-b", "{B}", "--mcq", "{T}/q.jsonl", "--limit", "0"]),
+    ("eval-unknown-quant", ["eval", "-b", "{B}", "--mcq", "{T}/q.jsonl", "--quant", "Q6_K"]),
     # demo
     ("demo-threads-negative", ["demo", "--threads", "-5"]),
     ("demo-root-dev-zero", ["demo", "--root", "/dev/zero"]),
@@ -138,6 +180,8 @@ def scratch(tmp_path_factory) -> Path:
 
     Image.new("RGB", (8, 8)).save(t / "a.png")
     (t / "bad.json").write_text("{not json")
+    question = {"question": "Which is a bone?", "options": {"A": "femur", "B": "liver"}, "answer_idx": "A"}
+    (t / "q.jsonl").write_text(json.dumps(question) + "\n")
     os.mkfifo(_bundle(t / "bm-fifo") / "manifest.json")
     (_bundle(t / "bm-zero") / "manifest.json").symlink_to("/dev/zero")
     (_bundle(t / "bm-dir") / "manifest.json").mkdir()
@@ -215,9 +259,9 @@ def test_every_verb_has_cases():
     verbs = {argv[0] for _, argv in CASES}
     assert set(COMMANDS) <= verbs
     exported = {argv[1] for _, argv in CASES if argv[0] == "export"}
-    acts = {"add", "info", "export", "import"}
+    acts = {"add", "info", "export", "import", "import-archive"}
     actions = {next(a for a in argv if a in acts) for _, argv in CASES if argv[0] == "index"}
-    assert exported == {"medgemma", "medsiglip"} and actions == {"add", "info", "export", "import"}
+    assert exported == {"medgemma", "medsiglip"} and actions == acts
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

@@ -48,6 +48,11 @@ STATIC = {  # the only files served, with their types: nothing else under web/ i
     "insights.js": "text/javascript; charset=utf-8",
     "shared.js": "text/javascript; charset=utf-8",
     "report.js": "text/javascript; charset=utf-8",
+    "image.js": "text/javascript; charset=utf-8",
+    "studies.js": "text/javascript; charset=utf-8",
+    "signoff.js": "text/javascript; charset=utf-8",
+    "diff.js": "text/javascript; charset=utf-8",
+    "outbox.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }

@@ -29,6 +29,8 @@ SQLite on any read) is an :class:`edge.errors.InputError` naming it and the reco
 ``medgemma-edge index --index DIR repair`` (:mod:`edge.cases.repair`: re-index from the source
 paths and copies it records); a full disk is a ResourceError naming the disk. Search is brute-force cosine over the whole matrix in numpy, loaded once and
 reloaded only when the database changed (``PRAGMA data_version`` catches other processes).
+From :data:`edge.cases.ann.ANN_MIN_CASES` cases on, search goes through a memory-mapped usearch
+HNSW graph with an exact re-rank (:mod:`edge.cases.ann`), built and refreshed after each add.
 Export/import (moving an index between devices) lives in :mod:`edge.cases.transfer`.
 """
 
@@ -122,6 +124,10 @@ class CaseIndex:
         self._writes = 0
         self._cache: tuple[tuple, np.ndarray, np.ndarray] | None = None  # (version, ids, matrix)
         self._buf: tuple[np.ndarray, np.ndarray] | None = None  # the cache's storage, with headroom
+        from edge.cases.ann import ANN_MIN_CASES
+
+        self.ann_min_cases = ANN_MIN_CASES  # search through the ANN from this many cases on
+        self._ann_view = None  # (file name, memory-mapped usearch graph), see edge.cases.ann
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -208,6 +214,7 @@ class CaseIndex:
 
     def close(self) -> None:
         with self._lock:
+            self._ann_view = None
             self.conn.close()
 
     def __enter__(self) -> CaseIndex:
@@ -244,11 +251,14 @@ class CaseIndex:
         See :func:`edge.cases.ingest.add_files` for the options (meta, copy, batch_size,
         cancel, progress, on_added) and what is skipped.
         """
+        from edge.cases import ann
         from edge.cases.ingest import add_files
 
         self.check()  # never write into a damaged database: it would spread the damage
         try:
-            return add_files(self, sources, encoder=encoder, **options)
+            rep = add_files(self, sources, encoder=encoder, **options)
+            ann.ensure(self)  # past the threshold: build the ANN, or fold in what was added
+            return rep
         except OSError as exc:
             if not is_disk_full(exc, self.root):
                 raise
@@ -397,11 +407,16 @@ class CaseIndex:
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise UsageError(f"query has {q.shape[0]} dimensions, the index {self.dim}")
+        q = q / (np.linalg.norm(q) or 1.0)
+        from edge.cases import ann
+
+        if (hits := ann.search(self, q, k, where)) is not None:  # a large index: never the whole matrix
+            return self._entries(hits)
         ids, mat = self.embeddings()
         if len(ids) == 0:
             self._require_cases()
         t0 = time.perf_counter()
-        scores = mat @ (q / (np.linalg.norm(q) or 1.0))  # [N]
+        scores = mat @ q  # [N]
         if where:
             keep = np.isin(ids, np.fromiter(self._filter_ids(where), dtype=np.int64))
             scores = np.where(keep, scores, -np.inf)
@@ -464,7 +479,16 @@ class CaseIndex:
         """Non-identifying facts: count, encoder, created, metadata keys with their counts."""
         with self._db():
             keys = dict(self.conn.execute("SELECT key, COUNT(*) FROM case_meta GROUP BY key ORDER BY key"))
-        return {"index": str(self.root), "cases": self.count(), **self.info, "metadata_keys": keys}
+        from edge.cases import ann
+
+        st = ann.state(self)
+        return {
+            "index": str(self.root),
+            "cases": self.count(),
+            **{k: v for k, v in self.info.items() if k != ann.INFO_KEY},
+            "metadata_keys": keys,
+            "ann": st.to_json() if st else None,
+        }
 
 
 def check_k(k) -> None:

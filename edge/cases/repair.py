@@ -7,7 +7,8 @@ stepping over unreadable pages. :func:`repair_index` then embeds those images ag
 database (each case's copy if it kept one, else its source path; copies under ``files/`` that no
 readable row names are added too), with their metadata, and only then swaps it in. The damaged
 file is kept beside it as ``cases.sqlite.damaged-<time>``; a crash during the repair leaves the
-damaged database where it was, and the repair can be run again. Case ids are renumbered.
+damaged database where it was, and the repair can be run again. Case ids are renumbered, so
+the old ANN graph (:mod:`edge.cases.ann`) is removed and, for a large index, built again.
 """
 
 from __future__ import annotations
@@ -237,5 +238,10 @@ def repair_index(root: str | os.PathLike, *, encoder, progress=None) -> RepairRe
         os.unlink(db.with_name(DB_NAME + "-shm"))
     os.replace(tmp, db)
     rep.damaged_kept = str(kept)
+    from edge.cases import ann
+
+    with CaseIndex.open(root) as idx:  # the old ANN named the old ids: drop it, rebuild if large
+        ann.sweep(root, keep=None)
+        ann.ensure(idx)
     log.info("index repair %s: %d of %d readable cases re-added", root, rep.added, rep.readable)
     return rep

@@ -6,6 +6,7 @@ INDEX.tar
                      "max_id", "created", "files": {"cases.sqlite": {"bytes", "sha256"}, ...}}
   cases.sqlite      a consistent snapshot (SQLite ``VACUUM INTO``: safe while another process adds)
   files/ab/<sha256><ext>   the index's own image copies, if it has any
+  ann-<id>-<token>.usearch the ANN graph named by the snapshot's ``ann`` info row (large indexes)
 ```
 
 Export writes the archive through a temp file and renames it into place. Import checks the
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 from edge.bundle.manifest import sha256_file
+from edge.cases import ann
 from edge.cases.index import DB_NAME, FILES_DIR, CaseIndex, connect
 from edge.errors import InputError, ResourceError, TooLargeError, UsageError
 from edge.files import MAX_JSON_BYTES, check_regular, format_bytes
@@ -56,7 +58,8 @@ _KINDS = {
     tarfile.FIFOTYPE: "a FIFO",
 }
 _MEMBER = re.compile(
-    rf"^(?:{re.escape(DB_NAME)}|{FILES_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{64}}(?:\.[A-Za-z0-9]{{1,7}})?)$"
+    rf"^(?:{re.escape(DB_NAME)}|{FILES_DIR}/[0-9a-f]{{2}}/[0-9a-f]{{64}}(?:\.[A-Za-z0-9]{{1,7}})?"
+    rf"|{ann.FILE_RE.pattern[1:-1]})$"
 )
 
 
@@ -71,12 +74,13 @@ def export_index(root: str | os.PathLike, out: str | os.PathLike) -> dict:
         stage.mkdir(parents=True)
         try:
             snap = stage / DB_NAME
-            with idx._lock:
-                idx.conn.execute("VACUUM INTO ?", (str(snap),))
+            graph = _snapshot(idx, snap, stage)
             with contextlib.closing(sqlite3.connect(snap)) as c:
                 cases, max_id = c.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM cases").fetchone()
                 stored = [r[0] for r in c.execute("SELECT stored FROM cases WHERE stored IS NOT NULL")]
             members = {DB_NAME: snap} | {rel: root / rel for rel in stored}
+            if graph is not None:
+                members[graph.name] = graph
             manifest = {
                 "format": EXPORT_FORMAT,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -105,6 +109,45 @@ def export_index(root: str | os.PathLike, out: str | os.PathLike) -> dict:
             shutil.rmtree(stage, ignore_errors=True)
     log.info("index export: %d cases, %d files in %.2fs", cases, len(members), time.perf_counter() - t0)
     return manifest
+
+
+def _snapshot(idx: CaseIndex, snap: Path, stage: Path) -> Path | None:
+    """``VACUUM INTO`` ``snap`` and a copy of the ANN file its ``ann`` row names (in ``stage``).
+
+    The ANN file is opened before the snapshot: a build that replaces it meanwhile may unlink
+    it, but the open file stays readable; if the snapshot names a newer file, try again. A
+    snapshot whose file can't be had loses its ``ann`` row (the importer rebuilds it)."""
+    for _ in range(3):
+        st = ann.state(idx)
+        src = None
+        if st is not None:
+            with contextlib.suppress(FileNotFoundError):
+                src = open(idx.root / st.file, "rb")  # noqa: SIM115 (closed below)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                snap.unlink()
+            with idx._lock:
+                idx.conn.execute("VACUUM INTO ?", (str(snap),))
+            with contextlib.closing(sqlite3.connect(snap)) as c:
+                row = c.execute("SELECT value FROM info WHERE key = ?", (ann.INFO_KEY,)).fetchone()
+                named = json.loads(row[0]).get("file") if row else None
+                if named is None:
+                    return None
+                if src is not None and named == st.file:
+                    dst = stage / st.file
+                    with open(dst, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    return dst
+        finally:
+            if src is not None:
+                src.close()
+    with contextlib.closing(sqlite3.connect(snap)) as c:
+        c.execute("DELETE FROM info WHERE key = ?", (ann.INFO_KEY,))
+        c.commit()
+    log.warning("index export: the ANN file kept changing; exported without it (the importer rebuilds it)")
+    return None
 
 
 def import_index(
@@ -160,6 +203,8 @@ def import_index(
         if root.exists():
             root.rmdir()
         os.rename(stage, root)
+        with CaseIndex.open(root) as idx:
+            ann.ensure(idx)  # an archive without its ANN (or from an older runtime) gets one here
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("index import: %d cases", manifest["cases"])
@@ -185,7 +230,7 @@ def _check_space(tar: tarfile.TarFile, manifest: dict, stage: Path, archive: Pat
             member = tar.getmember(rel)
         except KeyError:
             raise InputError(f"{archive}: {rel} is missing; export the index again") from None
-        limit = MAX_DB_BYTES if rel == DB_NAME else MAX_FILE_BYTES
+        limit = MAX_DB_BYTES if rel == DB_NAME or ann.FILE_RE.match(rel) else MAX_FILE_BYTES
         if member.size > limit:
             raise TooLargeError(
                 f"{archive}: {rel} is {format_bytes(member.size)}, over the {format_bytes(limit)} limit"

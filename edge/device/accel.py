@@ -6,6 +6,12 @@ backend (CUDA on a Jetson or a laptop), and onnxruntime runs on the GPU only wit
 ``onnxruntime-gpu`` wheel. Asking for a GPU the build can't use is not an error: it falls back
 to the CPU with one clear log line, so the same profile works on every build.
 
+Image encoders run on onnxruntime (CUDA when ``onnxruntime-gpu`` has it) or, with the
+``openvino`` extra installed, on OpenVINO's CPU (bf16 where the CPU has AVX512-BF16/AMX), GPU
+(Intel iGPUs) or NPU (Core Ultra): :func:`open_runner` gives both the same call, and a device
+that isn't there falls back to the CPU with one log line (GPU/NPU/CUDA paths are not yet
+checked on such hardware). :func:`cpu_class` names the CPU features the encoder order uses.
+
 A portable llama.cpp build (``-DGGML_BACKEND_DL=ON``, see docs/BUILDING.md) keeps each CPU
 variant in its own ``libggml-cpu-*.so`` and loads none until asked: :func:`load_backends` does
 that once, before the first model, and is a no-op for the default (native) build.
@@ -15,9 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +124,116 @@ def ort_session(path: Path, *, threads: int | None = None, gpu: bool = False):
         return ort.InferenceSession(str(path), so, providers=ort_providers(gpu))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise IntegrityError(f"{path}: onnxruntime can't load it ({str(exc).splitlines()[0]})") from None
+
+
+# --- image encoders: CPU features, OpenVINO devices, one runner interface -------------------------
+
+OV_DEVICES = ("CPU", "GPU", "NPU")
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_class(flags: frozenset[str] | None = None) -> str:
+    """The CPU class the encoder order is chosen by: ``bf16`` (AVX512-BF16 or AMX), ``vnni``
+    (AVX512-VNNI or AVX-VNNI, int8 dot products), ``avx2``, or ``other`` (e.g. ARM)."""
+    f = cpu_flags() if flags is None else flags
+    if {"avx512_bf16", "amx_bf16"} & f:
+        return "bf16"
+    if {"avx512_vnni", "avx_vnni"} & f:
+        return "vnni"
+    return "avx2" if "avx2" in f else "other"
+
+
+def openvino_device(want: str = "CPU") -> str:
+    """The OpenVINO device to compile on: ``want`` (CPU, GPU — an Intel iGPU —, NPU — a Core Ultra
+    NPU —) when this machine has it, else CPU with one log line. OpenVINO must be importable."""
+    import openvino as ov
+
+    want = want.upper()
+    if want == "CPU":
+        return "CPU"
+    have = ov.Core().available_devices  # e.g. ['CPU', 'GPU.0', 'NPU']
+    if any(d.split(".")[0] == want for d in have):
+        return next(d for d in have if d.split(".")[0] == want)
+    log.info("OpenVINO %s requested but this machine has only %s; running on the CPU", want, ", ".join(have))
+    return "CPU"
+
+
+def _ov_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "medgemma-edge" / "openvino"
+
+
+class Runner:
+    """One compiled encoder file: ``run(feeds) -> [outputs]`` in the graph's output order, the
+    same call for onnxruntime and OpenVINO. ``engine`` says which ran it, ``device`` where."""
+
+    def __init__(self, engine: str, device: str, run, outputs: list[str]):
+        self.engine, self.device, self.outputs, self._run = engine, device, outputs, run
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run(feeds)
+
+
+def open_runner(
+    path: Path, runtime: str, *, threads: int | None = None, hint: str | None = None, gpu: bool = False
+) -> Runner:
+    """Compile ``path`` for ``runtime`` ("onnxruntime" or "openvino").
+
+    ``hint``: OpenVINO's inference precision ("f32", "bf16"; None: the plugin's default).
+    ``gpu``: onnxruntime → CUDA; OpenVINO → its GPU, else its NPU; each falls back to the CPU
+    with a log line.
+
+    Raises:
+        MissingDependency: OpenVINO asked for and not installed (the caller falls back).
+        IntegrityError: the runtime can't load the file.
+    """
+    from edge.errors import IntegrityError, require
+
+    if runtime == "onnxruntime":
+        sess = ort_session(path, threads=threads, gpu=gpu)
+        names = [o.name for o in sess.get_outputs()]
+        return Runner("onnxruntime", sess.get_providers()[0], lambda feeds: sess.run(None, feeds), names)
+    if runtime != "openvino":
+        raise ValueError(f"unknown runtime {runtime!r}")
+    ov = require("openvino", "openvino")
+    device = "CPU"
+    if gpu:
+        device = openvino_device("GPU")
+        if device == "CPU":
+            device = openvino_device("NPU")
+    config: dict = {"PERFORMANCE_HINT": "LATENCY"}
+    if device == "CPU":
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = hint
+    core = ov.Core()
+    if device != "CPU":  # a GPU/NPU compile takes minutes; its blob is cached for the next start
+        _ov_cache_dir().mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(_ov_cache_dir())})
+    try:
+        compiled = core.compile_model(str(path), device, config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise IntegrityError(
+            f"{path}: OpenVINO can't compile it ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    names = [o.get_any_name() for o in compiled.outputs]
+    request = compiled.create_infer_request()
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = request.infer(feeds)
+        return [np.array(res[o], copy=True) for o in compiled.outputs]
+
+    return Runner("openvino", device, run, names)

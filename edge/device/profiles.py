@@ -105,15 +105,49 @@ def medgemma_settings(bundle, name: str | None = None, **explicit) -> tuple[str,
 
 
 def _quant(bundle, chosen: str, prof: dict) -> str | None:
-    """The profile's first preferred text quantization that the bundle has, else the bundle's first."""
+    """The profile's first preferred text quantization that the bundle has, unless the bundle's
+    KL report measured a later one of the list as better for the device (:func:`measured_better`);
+    else the bundle's first."""
     quants = prof.get("quant") or []
     quants = [quants] if isinstance(quants, str) else list(quants)
-    have = [f.get("quant") for f in bundle.files("medgemma") if f["role"] == "text"]
-    quant = next((q for q in quants if q in have), None)
+    files = {f.get("quant"): f for f in bundle.files("medgemma") if f["role"] == "text"}
+    have = list(files)
+    candidates = [q for q in quants if q in files]
+    quant = candidates[0] if candidates else None
+    if quant is not None:
+        kl = ((bundle.component("medgemma").get("fidelity") or {}).get("kl") or {}).get("rows") or {}
+        better = measured_better(quant, candidates[1:], files, kl)
+        if better:
+            log.info(
+                "profile %s: %s over %s (no larger, closer to the reference in the bundle's KL report)",
+                chosen,
+                better,
+                quant,
+            )
+            quant = better
     if quant is None and have:
         quant = have[0]
         log.info("profile %s: the bundle has none of %s; using %s", chosen, "/".join(quants), quant)
     return quant
+
+
+def measured_better(first: str, later: list[str], files: dict[str, dict], kl: dict[str, dict]) -> str | None:
+    """A later candidate that dominates ``first`` by measurement: a file no larger, whose mean and
+    99th-percentile KL against the reference are both lower (the bundle's own KL report). None
+    when nothing does or there is no report: the profile's order (speed, kernels) stands."""
+    ref = kl.get(first)
+    if not ref or "bytes" not in files.get(first, {}):
+        return None
+    for q in later:
+        row = kl.get(q)
+        if (
+            row
+            and files[q].get("bytes", 1 << 62) <= files[first]["bytes"]
+            and row["mean_kl"] < ref["mean_kl"]
+            and row["kl_p99"] < ref["kl_p99"]
+        ):
+            return q
+    return None
 
 
 def medsiglip_settings(bundle, name: str | None = None, **explicit) -> MedSigLIPSettings:

@@ -98,7 +98,7 @@ def check_memory(
         image_patches=image_patches(comp, encoder_entry),
         n_ctx=s.n_ctx,
         kv_type=s.kv_type,
-        repack=s.repack,
+        repack=llama_binding.effective_repack(s.repack),
         swa_full=s.swa_full,
         n_batch=s.n_batch,
     )
@@ -150,7 +150,15 @@ def load_image_encoder(
         return None
     s, path = settings, bundle.path(entry)
     if entry["role"] == "vision-onnx":
-        return OnnxImageEncoder(path, entry, threads=threads, gpu=s.image_gpu, keep=s.keep_encoder)
+        return OnnxImageEncoder(
+            path,
+            entry,
+            threads=threads,
+            gpu=s.image_gpu,
+            keep=s.keep_encoder,
+            engine=s.image_engine,
+            bundle=bundle,
+        )
     return MmprojImageEncoder(
         path, entry, llama.model, threads=threads, flash_attn=s.flash_attn, gpu=s.gpu_layers != 0
     )

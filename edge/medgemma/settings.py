@@ -14,6 +14,8 @@ from edge.settings import check, setting
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
 IMAGE_ENCODERS = ("auto", "onnx", "mmproj")
+# edge.device.encoders.ENGINES, by name (tests/test_static_encoders.py keeps the two in step)
+IMAGE_ENGINES = ("auto", "ort-fp32", "ort-int8", "ort-int8-static", "ov-fp32", "ov-bf16", "ov-int8")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,13 @@ class MedGemmaSettings:
         "onnx: the bundle's ONNX image encoder (faster, no mmproj in memory); mmproj: llama.cpp's "
         "projector; auto: onnx when the bundle has it",
         choices=IMAGE_ENCODERS,
+        remote=False,
+    )
+    image_engine: str = setting(
+        "auto",
+        "which engine runs the ONNX image encoder (ort-int8, ort-int8-static, ov-bf16, ...); auto: "
+        "the fastest one this device recorded (bench --quick) that meets the fidelity bar, else by CPU class",
+        choices=IMAGE_ENGINES,
         remote=False,
     )
     image_gpu: bool = setting(

@@ -17,7 +17,9 @@ LLM path) when given as paths or bytes. Work runs in batches; a ``threading.Even
 Dynamic int8 graphs quantize activations per tensor, over the whole batch, so an image's int8
 embedding shifts slightly with the images that share its batch. The default vision batch for
 int8 is therefore 1 (embeddings independent of batching, as the export's fidelity was measured);
-fp32/fp16 batch by default. ``benchmarks/bench_cases.py`` measures what batching buys.
+fp32/fp16 and ``int8-static`` (fused attention, activation scales fixed at export: a batch gives
+batch-1 results up to float rounding) batch by default. ``benchmarks/bench_encoders.py`` measures
+what batching buys.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class MedSigLIP:
     # -- images ------------------------------------------------------------------------------------
 
     def default_batch(self) -> int:
-        """Vision batch size: 1 for int8 (batch-independent embeddings), else 8."""
+        """Vision batch size: 1 for dynamic int8 (batch-independent embeddings), else 8."""
         return 1 if self.precision == "int8" else 8
 
     def pixels(self, image: ImageLike) -> np.ndarray:

@@ -42,7 +42,7 @@ def load_session(
     Args:
         bundle: a bundle or its directory.
         tower: "vision" or "text".
-        precision: "int8", "fp16" or "fp32"; None picks the component's default.
+        precision: "int8", "int8-static", "fp16" or "fp32"; None picks the component's default.
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
 
     Raises:

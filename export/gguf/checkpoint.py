@@ -306,7 +306,9 @@ BITS_PER_WEIGHT = {
     "Q6_K": 6.56,
     "Q5_K_M": 5.7,
     "Q4_K_M": 5.1,
+    "IQ4_XS": 4.6,  # 4.25 bpw blocks; embeddings and fallbacks above that
     "Q4_0": 4.6,
+    "IQ3_M": 4.0,  # 3.66 bpw blocks, mixed with 4-bit tensors
     "q8_0": 8.5,
     "f16": 16.0,
     "f32": 32.0,

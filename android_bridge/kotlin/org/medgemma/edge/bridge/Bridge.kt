@@ -82,6 +82,77 @@ class Bridge(val client: BridgeClient) {
 
     fun health(): JSONObject = client.call("health", JSONObject())
 
+    // -- received studies (the runtime's DICOM node) --------------------------------------------
+
+    /** Received studies, newest first: `{"studies": [...], "total", "offset", "limit"}`. */
+    fun listStudies(offset: Int = 0, limit: Int = 50, modality: String? = null): JSONObject {
+        val params = JSONObject().put("offset", offset).put("limit", limit)
+        if (modality != null) params.put("modality", modality)
+        return client.call("list_studies", params)
+    }
+
+    /** One study with its series and instances (and which of them this device can display). */
+    fun getStudy(studyUid: String): JSONObject = client.call("get_study", JSONObject().put("study", studyUid))
+
+    /** An image source naming a received instance, for [generateAbout], classify, search_similar. */
+    fun studySource(studyUid: String, instanceUid: String? = null, frame: Int? = null): JSONObject {
+        val src = JSONObject().put("study", studyUid)
+        if (instanceUid != null) src.put("instance", instanceUid)
+        if (frame != null) src.put("frame", frame)
+        return src
+    }
+
+    /** A question about image sources (e.g. [studySource]), tokens to [onToken] as they come. */
+    fun generateAbout(
+        prompt: String,
+        sources: List<JSONObject>,
+        maxTokens: Int? = null,
+        id: String = newId(),
+        onToken: (String) -> Unit = {}
+    ): Outcome {
+        val params = JSONObject().put("prompt", prompt).put("images", org.json.JSONArray(sources))
+        if (maxTokens != null) params.put("max_tokens", maxTokens)
+        return stream("generate", params, id, onToken = onToken)
+    }
+
+    // -- reports: draft, sign, amend, export, deliver -------------------------------------------
+
+    /** Saves a draft: a new report (no [reportId]) or an update of a draft. Returns the REPORT. */
+    fun saveReport(final: JSONObject, source: JSONObject, draft: JSONObject? = null, reportId: String? = null): JSONObject {
+        val params = JSONObject().put("final", final).put("source", source)
+        if (draft != null) params.put("draft", draft)
+        if (reportId != null) params.put("report_id", reportId)
+        return client.call("save_report", params)
+    }
+
+    /** Signs [version]; it can never change afterwards (a second sign is a "conflict" error). */
+    fun signReport(reportId: String, version: Int, signer: String, role: String): JSONObject =
+        client.call(
+            "sign_report",
+            JSONObject().put("report_id", reportId).put("version", version).put("signer", signer).put("role", role)
+        )
+
+    /** A new draft version replacing the signed one; both are kept. */
+    fun amendReport(reportId: String, final: JSONObject, reason: String): JSONObject =
+        client.call("amend_report", JSONObject().put("report_id", reportId).put("final", final).put("reason", reason))
+
+    /** A signed version as "sr" (DICOM), "fhir" (JSON) or "pdf": the file's bytes. */
+    fun exportReport(reportId: String, format: String, version: Int? = null): ByteArray {
+        val params = JSONObject().put("report_id", reportId).put("format", format)
+        if (version != null) params.put("version", version)
+        return Base64Codec.decode(client.call("export_report", params).getString("base64"))
+    }
+
+    /** Queues a signed version for delivery (default: the runtime's configured destination). */
+    fun sendReport(reportId: String, destination: JSONObject? = null): JSONObject {
+        val params = JSONObject().put("report_id", reportId)
+        if (destination != null) params.put("destination", destination)
+        return client.call("send_report", params)
+    }
+
+    /** Every outbox item with its delivery state. */
+    fun outbox(): org.json.JSONArray = client.call("outbox", JSONObject()).getJSONArray("items")
+
     /** Cancels request [id]; its stream ends with finish_reason "cancelled". */
     fun cancel(id: String): Boolean = client.cancel(id)
 
@@ -111,5 +182,21 @@ object Base64Codec {
             i += 3
         }
         return sb.toString()
+    }
+
+    fun decode(text: String): ByteArray {
+        val clean = text.filter { it != '\n' && it != '\r' }
+        require(clean.length % 4 == 0) { "base64 length must be a multiple of 4" }
+        val out = java.io.ByteArrayOutputStream(clean.length / 4 * 3)
+        var i = 0
+        while (i < clean.length) {
+            val c = IntArray(4) { k -> if (clean[i + k] == '=') 0 else ALPHABET.indexOf(clean[i + k]).also { require(it >= 0) { "not base64" } } }
+            val n = (c[0] shl 18) or (c[1] shl 12) or (c[2] shl 6) or c[3]
+            out.write((n shr 16) and 0xff)
+            if (clean[i + 2] != '=') out.write((n shr 8) and 0xff)
+            if (clean[i + 3] != '=') out.write(n and 0xff)
+            i += 4
+        }
+        return out.toByteArray()
     }
 }
