@@ -94,7 +94,7 @@ def provenance(bridge: Bridge) -> dict:
         except Exception:  # no bundle, or a broken one: the report still records the runtime
             info = {}
     return {
-        "model": info.get("source"),
+        "model": info.get("source") or "none (this runtime has no MedGemma bundle)",
         "bundle": info.get("bundle"),
         "text_file": info.get("text"),
         "quantization": info.get("quant"),

@@ -271,3 +271,13 @@ def test_the_pdf_of_an_uploaded_image_shows_it_once_its_hash_matches(clinic_brid
     other = {"base64": base64.b64encode(IMAGE_PNG + b"x").decode()}
     wrong = rpc(b, "export_report", report_id=saved["report_id"], format="pdf", image=other)
     assert wrong["code"] == "invalid_request" and "not the one" in wrong["message"]
+
+
+def test_a_report_without_a_medgemma_bundle_says_so_in_its_provenance(tmp_path):
+    reports = ReportStore(tmp_path / "reports")
+    try:
+        bridge = Bridge(Runtime(reports=reports))
+        saved = rpc(bridge, "save_report", final=FINAL, source={"image_sha256": "cd" * 32})
+        assert saved["provenance"]["model"].startswith("none") and saved["provenance"]["synthetic"] is False
+    finally:
+        reports.close()

@@ -239,6 +239,10 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     for t, row in fid.get("mmproj", {}).items():
         print(f"      fidelity mmproj {t}: image embedding cosine {row['cosine']:.6f}")
+    from medgemma_edge.verify import kl_table_lines
+
+    for line in kl_table_lines(fid.get("kl"), b.component("medgemma")["files"]):  # llama-perplexity's
+        print(f"      {line}")
 
     print(f"[4/8] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
     t0 = time.perf_counter()
