@@ -114,7 +114,8 @@ def study_instance_path(src: dict, studies: Any):
             "not_loaded", "this runtime keeps no received studies (start serve with --dicom-port or --data)"
         )
     if instance is None:
-        instance = first_displayable(studies.get_study(study))
+        # the catalogue's query first; the study's listing only to say why nothing can be shown
+        instance = studies.first_displayable(study) or first_displayable(studies.get_study(study))
     return studies.instance_path(study, instance)
 
 

@@ -252,3 +252,19 @@ def data_dir() -> Path:
         return Path(override)
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "medgemma-edge"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a temp file named after it may still be written).
+
+    This process counts as gone: it writes one at a time, so its own leftovers are litter.
+    """
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

@@ -36,7 +36,7 @@ def store(tmp_path):
 
 
 class DatasetStudies:
-    """The two StudyStore methods the exports use (CLINIC.md A), over one pydicom file: used only
+    """The StudyStore methods the exports use, over one pydicom file: used only
     when edge.studies.store is not importable, so the test runs either way."""
 
     def __init__(self, path):
@@ -49,6 +49,9 @@ class DatasetStudies:
     def get_study(self, study_uid):
         return {"study_uid": study_uid, "patient_id": str(self.ds.PatientID), "patient_name": str(self.ds.PatientName),
                 "series": [{"instances": [{"sop_instance_uid": self.ds.SOPInstanceUID, "displayable": True}]}]}  # fmt: skip
+
+    def first_displayable(self, study_uid):
+        return self.ds.SOPInstanceUID
 
     def close(self):
         pass

@@ -292,3 +292,20 @@ def test_the_image_engine_setting_names_every_engine():
     from edge.medgemma.settings import IMAGE_ENGINES
 
     assert set(IMAGE_ENGINES) == {"auto", *ENGINES}
+
+
+def test_medsiglip_fusion_fuses_every_layer_of_an_sdpa_built_tower(tmp_path):
+    """transformers builds SDPA attention by default; onnxruntime's CLIP fusion only knows the
+    eager pattern, so the fused graph switches the tower to eager before exporting."""
+    import onnx
+    import transformers
+
+    from export.onnx import medsiglip_fused
+    from export.twin import siglip_config
+
+    cfg = transformers.SiglipVisionConfig(**siglip_config("tiny")["vision_config"])
+    model = transformers.SiglipVisionModel(cfg).eval()
+    assert model.config._attn_implementation == "sdpa"
+    graph = onnx.load(str(medsiglip_fused.fused_encoder(model.vision_model, tmp_path)))
+    fused = sum(n.op_type == "MultiHeadAttention" for n in graph.graph.node)
+    assert fused == cfg.num_hidden_layers

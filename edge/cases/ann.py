@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.files import pid_alive
+
 log = logging.getLogger(__name__)
 
 # the index searches through the ANN at or above this many cases (exact below)
@@ -212,7 +214,7 @@ def sweep(root: Path, *, keep: str | None) -> list[str]:
     removed = []
     for p in Path(root).iterdir():
         stale = FILE_RE.match(p.name) and p.name != keep
-        if (m := _TMP_RE.match(p.name)) and not _alive(int(m.group(1))):
+        if (m := _TMP_RE.match(p.name)) and not pid_alive(int(m.group(1))):
             stale = True
         if stale:
             with contextlib.suppress(FileNotFoundError):
@@ -221,18 +223,6 @@ def sweep(root: Path, *, keep: str | None) -> list[str]:
     if removed:
         log.info("index %s: removed %d stale ANN files", root, len(removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process builds one at a time; its own leftovers are litter
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:

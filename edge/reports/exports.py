@@ -1,8 +1,8 @@
 """One call for every export of a stored report: the bytes, their MIME type and file name, and
 the audit row. Used by the bridge's ``export_report`` op, the CLI and the delivery senders.
 
-The study store is passed in (anything with the ``StudyStore`` methods ``get_study`` and
-``instance_path``, CLINIC.md A), so this module needs no DICOM code until an SR or a thumbnail
+The study store is passed in (anything with the ``StudyStore`` methods ``get_study``,
+``first_displayable`` and ``instance_path``), so this module needs no DICOM code until an SR or a thumbnail
 of a received study is asked for.
 """
 
@@ -45,12 +45,8 @@ def source_instance(report: dict, studies: Any) -> tuple[str, str] | None:
         return source["study_uid"], source["instance_uid"]
     if studies is None:
         return None
-    study = studies.get_study(source["study_uid"])
-    for series in study.get("series", []):
-        for inst in series.get("instances", []):
-            if inst.get("displayable"):
-                return source["study_uid"], inst["sop_instance_uid"]
-    return None
+    instance = studies.first_displayable(source["study_uid"])
+    return (source["study_uid"], instance) if instance else None
 
 
 def source_dataset(report: dict, studies: Any):

@@ -159,7 +159,7 @@ def decoder_available(ts: str) -> bool:
 
     try:
         return bool(get_decoder(ts).is_available)
-    except Exception:  # NotImplementedError: no decoder for this UID at all; ValueError: not a syntax
+    except (NotImplementedError, ValueError):  # no decoder for this UID at all; not a syntax
         return False
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from edge.bundle.atomic import write_json_atomic
 from edge.bundle.manifest import sha256_file
 from edge.errors import InputError, require
-from edge.files import read_json
+from edge.files import pid_alive, read_json
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Archive:
         shards_dir.mkdir(exist_ok=True)
         listed = {s["file"] for s in self.manifest["shards"]}
         for p in sorted(shards_dir.iterdir()):
-            if (m := _TMP_RE.match(p.name)) and not _alive(int(m.group(1))):
+            if (m := _TMP_RE.match(p.name)) and not pid_alive(int(m.group(1))):
                 p.unlink()
             elif SHARD_RE.match(p.name) and p.name not in listed:
                 entry = self._describe(p)
@@ -265,15 +265,3 @@ def _footer(arrow_schema) -> dict:
         return json.loads(raw) if raw else {}
     except ValueError:
         return {}
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -93,6 +93,9 @@ def fused_encoder(vm, work: Path) -> Path:
 
     enc_cls, _ = _parts()
     cfg = vm.config
+    # onnxruntime's CLIP fusion recognises eager attention only: a tower built with SDPA (the
+    # transformers default) exports a pattern it leaves unfused, on every layer
+    cfg._attn_implementation = "eager"
     raw = _export(
         enc_cls(vm),
         torch.zeros(1, cfg.num_channels, cfg.image_size, cfg.image_size),
