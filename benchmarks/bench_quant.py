@@ -150,6 +150,8 @@ def main() -> int:
 
 
 def _print(size: str, params: int, runs: dict) -> None:
+    from medgemma_edge.verify import ppl_ratio
+
     first = runs["plain"]["kl"]
     print(
         f"\nMedGemma twin '{size}' ({params:,d} text params) on {os.cpu_count()} CPUs, "
@@ -172,7 +174,7 @@ def _print(size: str, params: int, runs: dict) -> None:
                 f"{q:<8} {'yes' if name == 'imatrix' else 'no':<7} {f['bytes'] / 2**20:>7.2f} MiB "
                 f"{f['bytes'] * 8 / params:>6.2f} {steps.get(f'quantize {q}', 0):>8.2f} {row['seconds']:>6.1f} "
                 f"{row['mean_kl']:>9.5f} {row['kl_p99']:>9.5f} {row['same_top'] * 100:>8.2f}% "
-                f"{row['ppl_ratio']:>9.4f}  {types}"
+                f"{ppl_ratio(run['kl'], row):>9.4f}  {types}"
             )
     for name, run in runs.items():
         steps = {s["step"]: s["seconds"] for s in run["steps"]}

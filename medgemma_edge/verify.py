@@ -11,6 +11,17 @@ from medgemma_edge import progress
 from medgemma_edge.common import default_bundle, emit_json
 
 
+def ppl_ratio(kl: dict, row: dict) -> float:
+    """A file's perplexity over the reference's, both from full logits (:mod:`export.gguf.kl`
+    says why not the tool's own ratio); a manifest written before that figure existed gets it
+    from its ``ppl`` values, else the tool's."""
+    if "ppl_vs_reference" in row:
+        return row["ppl_vs_reference"]
+    if kl.get("ppl_reference") and row.get("ppl"):
+        return row["ppl"] / kl["ppl_reference"]
+    return row["ppl_ratio"]
+
+
 def kl_table_lines(kl: dict | None, files: list[dict] | None = None) -> list[str]:
     """The KL report of a manifest's ``fidelity.kl`` as table lines (empty when there is none):
     per text file its size and RAM estimate (from ``files``), mean and 99th-percentile KL,
@@ -33,7 +44,7 @@ def kl_table_lines(kl: dict | None, files: list[dict] | None = None) -> list[str
         ram = format_bytes(f["ram_bytes"]) if "ram_bytes" in f else "-"
         lines.append(
             f"  {quant:<8} {size:>12} {ram:>10} {row['mean_kl']:>9.5f} {row['kl_p99']:>9.5f} "
-            f"{row['same_top'] * 100:>8.2f}% {row['ppl_ratio']:>10.4f}"
+            f"{row['same_top'] * 100:>8.2f}% {ppl_ratio(kl, row):>10.4f}"
         )
     return lines
 

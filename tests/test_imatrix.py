@@ -114,14 +114,14 @@ def test_kl_report_is_sane(iq_export):
     assert (
         abs(ref["mean_kl"]) < 1e-4
         and ref["same_top"] == 1.0
-        and ref["ppl_ratio"] == pytest.approx(1, abs=1e-4)
+        and ref["ppl_vs_reference"] == pytest.approx(1, abs=1e-4)
     )
     assert (
         rows["Q8_0"]["mean_kl"] < rows["Q4_0"]["mean_kl"] and rows["Q8_0"]["kl_p99"] < rows["Q4_0"]["kl_p99"]
     )
     assert rows["Q8_0"]["same_top"] > rows["Q4_0"]["same_top"] > 0.5
     for q, row in rows.items():
-        assert row["kl_p99"] >= row["mean_kl"] - 1e-6 and 0 < row["ppl_ratio"] < 2, q
+        assert row["kl_p99"] >= row["mean_kl"] - 1e-6 and 0 < row["ppl_vs_reference"] < 2, q
         assert row["positions"] == kl["positions"], q
 
 

@@ -189,3 +189,16 @@ def test_a_model_id_resolves_from_the_local_cache_only(medgemma_twin, tmp_path):
         c.HF_HUB_CACHE = old
     assert got == repo / "snapshots" / "abc123" and (got / "config.json").is_file()
     assert hub.looks_like_repo_id("google/medgemma-4b-it") and not hub.looks_like_repo_id(str(tmp_path))
+
+
+def test_tables_print_the_perplexity_over_the_references_own():
+    from medgemma_edge.verify import kl_table_lines, ppl_ratio
+
+    # the tool's ratio takes PPL(base) from the clipped saved reference: F16 vs itself read 1.85
+    row = {"mean_kl": 0.0, "kl_p99": 0.0, "same_top": 1.0, "ppl": 6587146.56, "ppl_ratio": 1.852789}
+    old = {"reference": "F16", "chunks": 11, "ctx": 512, "positions": 2805, "ppl_reference": 6587146.56}
+    assert ppl_ratio(old, row) == pytest.approx(1.0)  # a manifest from before ppl_vs_reference
+    assert ppl_ratio({}, {**row, "ppl_vs_reference": 0.9994}) == 0.9994
+    assert ppl_ratio({}, {"ppl_ratio": 1.028896}) == 1.028896
+    lines = kl_table_lines({**old, "rows": {"F16": row}})
+    assert lines[-1].split()[-1] == "1.0000"

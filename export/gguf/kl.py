@@ -7,8 +7,12 @@
    tokens; the tool prints mean / percentile KL, the same-top-token rate and both perplexities.
 
 Each chunk scores its second half (the model always has context), so ``positions`` is
-``chunks * (ctx - 1 - ctx / 2)``. The figures are parsed from the tool's summary; nothing is
-recomputed here. The held-out text is never the text the importance matrix saw
+``chunks * (ctx - 1 - ctx / 2)``. The figures are parsed from the tool's summary. One is derived:
+``ppl_vs_reference``, a file's perplexity over the reference's, both computed by the tool from
+full logits on the same tokens. The tool's own ``PPL(Q)/PPL(base)`` takes ``PPL(base)`` from the
+saved reference, which keeps only 16 nats below each position's top log-probability; where the
+true token sits below that floor (a random-weight twin: F16 against itself reads 1.85) it is
+biased, so the tables print ``ppl_vs_reference`` and the manifest keeps both. The held-out text is never the text the importance matrix saw
 (:mod:`export.gguf.imatrix`).
 """
 
@@ -225,6 +229,10 @@ def report(
                 progress(i, total)
     finally:
         base.unlink(missing_ok=True)
+    ref_ppl = ref["ppl"] or (rows.get(ref_q) or {}).get("ppl")
+    for row in rows.values():
+        if ref_ppl:
+            row["ppl_vs_reference"] = round(row["ppl"] / ref_ppl, 6)
     return {
         "reference": ref_q,
         "tool": "llama-perplexity --kl-divergence",
@@ -232,6 +240,6 @@ def report(
         "ctx": ref["ctx"],
         "chunks": ref["chunks"],
         "positions": ref["chunks"] * (ref["ctx"] - 1 - ref["ctx"] // 2),
-        "ppl_reference": ref["ppl"],
+        "ppl_reference": ref_ppl,
         "rows": rows,
     }
