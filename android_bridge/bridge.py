@@ -14,10 +14,20 @@ MedSigLIP ops don't take MedGemma's lock and run alongside a generation.
 Cancel: every running request has a ``threading.Event``; ``cancel`` sets the target's event
 and the target then ends with ``done(cancelled)`` and no result, whatever point it had
 reached (a generation stops within one token; other ops drop their result).
+
+Callers (clinic-server mode, android_bridge.lan): a request runs for a caller, :data:`ADMIN`
+(the launch token, the in-process and line transports) or a paired device's id. The HTTP guard
+sets :data:`CALLER` in the request's context and :meth:`Bridge.submit` runs the request in
+that context on its worker. Request ids are per caller (two tablets may both send id "1";
+``cancel`` reaches the caller's own requests only); a device may not run :data:`ADMIN_OPS`
+(``forbidden``) nor name image files on the server. In LAN mode (``bridge.lan``) a generation
+that finds MedGemma busy waits its turn in a fair FIFO queue with ``queued`` events
+(android_bridge.lan.queue) instead of getting ``busy``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -46,6 +56,12 @@ from android_bridge.settings import Limits
 from edge.errors import EdgeError
 
 MEDGEMMA_OPS = ("generate", "prepare_image")  # the ops that take MedGemma from idle background work
+ADMIN = "admin"  # the caller holding the launch token (and every in-process or line transport)
+ADMIN_OPS = ("shutdown", "load", "unload", "lan_pair_code", "lan_devices", "lan_revoke")  # not for devices
+# who the request in this context runs for (set by the HTTP guard), and the audit note of its
+# HTTP request (android_bridge.lan.http.Audit; None outside LAN mode): the bridge fills in op and finish
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("bridge_caller", default=ADMIN)
+AUDIT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bridge_audit", default=None)
 
 log = logging.getLogger(__name__)
 Emit = Callable[[dict], None]
@@ -63,6 +79,15 @@ class Deadline(threading.Event):
         self.deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
         self.timeout_s = timeout_s
         self.timed_out = False
+
+    def pause(self) -> None:
+        """Stop the clock (a LAN-mode generation waiting in line): only a cancel sets it now."""
+        self.deadline = None
+
+    def restart(self) -> None:
+        """Give the whole time limit again from now (its turn has come)."""
+        if self.timeout_s > 0:
+            self.deadline = time.monotonic() + self.timeout_s
 
     def is_set(self) -> bool:
         if super().is_set():
@@ -83,6 +108,8 @@ class Context:
     cancel: threading.Event
     after: list[Callable[[], None]] = field(default_factory=list)
     budget: media.ImageBudget = field(default_factory=media.ImageBudget)
+    caller: str = ADMIN
+    allow_paths: bool = True  # the bridge's allow_paths, and False for a paired device
 
     @property
     def id(self) -> str:
@@ -108,36 +135,50 @@ class Bridge:
         self.last_request_at = 0.0  # monotonic time of the last request that needed MedGemma
         self.allow_paths = allow_paths
         self.limits = limits or Limits()
+        self.lan: Any = None  # android_bridge.lan.mode.LanMode in clinic-server mode (serve --lan)
+        self._extra_inflight = 0  # room for queued generations in LAN mode (grow())
         self._inflight = 0  # submitted and not finished (queued for a worker or running)
         self.transports: list[str] = ["in-process"]
         self.shutdown_hooks: list[Callable[[], None]] = []  # stop the transports (the shutdown op)
         self.closers: list[Callable[[], None]] = []  # stop the DICOM node, the outbox ... (shutdown())
         self.shutting_down = threading.Event()
-        self._active: dict[str, threading.Event] = {}
+        self._active: dict[tuple[str, str], threading.Event] = {}  # (caller, request id) -> cancel
         self._lock = threading.Lock()
         self.thumbnails = Thumbnails()
         # Transports run requests on these long-lived threads rather than a thread per request:
         # with a fresh thread each time, glibc handed out new malloc arenas and RSS crept up.
+        self._workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bridge")
+
+    def grow(self, waiting: int) -> None:
+        """Make room for ``waiting`` generations waiting their turn (LAN mode's queue): as many
+        more worker threads and requests in flight. Call before serving."""
+        self._extra_inflight = waiting
+        old = self._pool
+        self._workers += waiting
+        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="bridge")
+        old.shutdown(wait=False)
 
     def submit(self, raw: Any, emit: Emit, then: Callable[[], None] | None = None) -> Future:
         """Run ``handle(raw, emit)`` on the bridge's worker threads; ``then()`` runs after it.
 
-        At most ``limits.max_active_requests`` are in flight (queued or running): past that a
-        request is answered ``busy`` at once, on the caller's thread, and nothing is queued,
-        except ``health`` and ``cancel``, which are answered inline (they take no time) so that a
-        client can always see the state and stop what runs.
+        At most ``limits.max_active_requests`` are in flight (queued or running; in LAN mode
+        plus the queue's bound): past that a request is answered ``busy`` at once, on the
+        caller's thread, and nothing is queued, except ``health`` and ``cancel``, which are
+        answered inline (they take no time) so that a client can always see the state and stop
+        what runs. The request runs in the caller's context (:data:`CALLER`, :data:`AUDIT`).
         """
         with self._lock:
-            full = self._inflight >= self.limits.max_active_requests
+            full = self._inflight >= self.limits.max_active_requests + self._extra_inflight
             if not full:
                 self._inflight += 1
         if full:
             return self._refuse(raw, emit, then)
+        context = contextvars.copy_context()
 
         def run() -> None:
             try:
-                self.handle(raw, emit)
+                context.run(self.handle, raw, emit)
             finally:
                 with self._lock:
                     self._inflight -= 1
@@ -201,33 +242,47 @@ class Bridge:
 
     def _handle(self, raw: Any, safe: _SafeEmit) -> str:
         t0 = time.perf_counter()
+        caller, note = CALLER.get(), AUDIT.get()
         req = None
         try:
             req = parse_request(raw)
+            if note is not None:
+                note["op"] = req.op
             params.check(req.op, req.params)
+            if caller != ADMIN and req.op in ADMIN_OPS:
+                raise ProtocolError(
+                    "forbidden", f"{req.op} is for the server's admin (the launch token), not a device"
+                )
         except ProtocolError as exc:
             rid = req.id if req is not None else exc.request_id
             safe(error(rid, exc.code, str(exc), retry_after=exc.retry_after))
             safe(done(rid, "error"))
             log.info("bridge: rejected request %s (%s)", rid, exc.code)
+            if note is not None:
+                note["finish"] = "error"
             return "error"
         cancel = Deadline(self.limits.request_timeout_s)
         safe.on_failure = cancel.set  # a client that went away cancels its request
+        key = (caller, req.id)
         with self._lock:
-            duplicate = req.id in self._active
+            duplicate = key in self._active
             if not duplicate:
-                self._active[req.id] = cancel
+                self._active[key] = cancel
         if duplicate:
             safe(error(req.id, "invalid_request", f"request id {req.id!r} is already running"))
             safe(done(req.id, "error"))
+            if note is not None:
+                note["finish"] = "error"
             return "error"
         ctx = Context(
             req,
             safe,
             cancel,
-            budget=media.ImageBudget(
+            budget=(media.ImageBudget if caller == ADMIN else _DeviceBudget)(
                 self.limits.max_images, self.limits.max_request_pixels, studies=self.runtime.studies
             ),
+            caller=caller,
+            allow_paths=self.allow_paths and caller == ADMIN,
         )
         outcome, failure = None, None
         try:
@@ -243,7 +298,7 @@ class Bridge:
         finally:
             with self._lock:
                 cancelled = cancel.is_set()
-                del self._active[req.id]
+                del self._active[key]
         total = {"total_s": time.perf_counter() - t0}
         if cancelled:
             finish = "cancelled"
@@ -261,8 +316,11 @@ class Bridge:
                 safe(result(req.id, outcome.value))
             safe(done(req.id, finish, usage=outcome.usage, timings={**outcome.timings, **total}))
         code = getattr(failure, "code", "") if failure else ""
+        if note is not None:
+            note["finish"] = finish
         log.info(
-            "bridge: %s %s -> %s%s in %.3fs",
+            "bridge: %s%s %s -> %s%s in %.3fs",
+            "" if caller == ADMIN else f"{caller}/",
             req.id,
             req.op,
             finish,
@@ -284,10 +342,11 @@ class Bridge:
         while self.idle_cancels and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def cancel(self, target: str) -> bool:
-        """Cancel a running request by id. True when it was running (it will end cancelled)."""
+    def cancel(self, target: str, *, caller: str | None = None) -> bool:
+        """Cancel a running request of ``caller`` (default: :data:`CALLER`'s) by id. True when
+        it was running (it will end cancelled)."""
         with self._lock:
-            ev = self._active.get(target)
+            ev = self._active.get((caller or CALLER.get(), target))
             if ev is not None:
                 ev.set()
             return ev is not None
@@ -335,6 +394,13 @@ class Bridge:
         t = threading.Thread(target=run, name="bridge-preload", daemon=True)
         t.start()
         return t
+
+
+class _DeviceBudget(media.ImageBudget):
+    """A paired device's image budget: never a file path, which would name a file on the server."""
+
+    def load(self, src: Any, *, allow_paths: bool = True) -> media.LoadedImage:
+        return super().load(src, allow_paths=False)
 
 
 def _op_of(raw: Any) -> Any:

@@ -8,6 +8,7 @@ result as an :class:`Outcome`; an exception is turned into a typed error by the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from android_bridge import media
 from android_bridge.pictures import THUMBNAIL_SIDES
-from android_bridge.protocol import OPS, VERSION, ProtocolError
+from android_bridge.protocol import LAN_OPS, OPS, VERSION, ProtocolError
 from android_bridge.runtime import RETRY_AFTER_S, classification
 from edge import __version__
 from edge.errors import Busy
@@ -39,12 +40,12 @@ def op_health(bridge: Bridge, ctx: Context) -> Outcome:
             "protocol": VERSION,
             "versions": _versions(),
             "capabilities": {
-                "ops": list(OPS),
+                "ops": list(OPS) + (list(LAN_OPS) if bridge.lan is not None else []),
                 "transports": list(bridge.transports),
-                "concurrency": "busy",
+                "concurrency": "busy" if bridge.lan is None else "queue",
                 "images": getattr(rt.slots["medgemma"].model, "media_marker", None) is not None,
                 "image_sources": ["base64", "data_url"]
-                + (["path"] if bridge.allow_paths else [])
+                + (["path"] if ctx.allow_paths else [])
                 + (["study"] if rt.studies is not None else []),
                 "medgemma": rt.available("medgemma"),
                 "medsiglip": rt.available("medsiglip"),
@@ -57,6 +58,7 @@ def op_health(bridge: Bridge, ctx: Context) -> Outcome:
             "models": rt.states(),
             "active_requests": bridge.active,
             "shutting_down": bridge.shutting_down.is_set(),
+            **({"lan": bridge.lan.health()} if bridge.lan is not None else {}),
         }
     )
 
@@ -108,12 +110,46 @@ def op_unload(bridge: Bridge, ctx: Context) -> Outcome:
     return Outcome({"model": name, **bridge.runtime.unload(name)})
 
 
-def op_generate(bridge: Bridge, ctx: Context) -> Outcome:
-    from edge.medgemma.model import DISCLAIMER
+@contextlib.contextmanager
+def _turn(bridge: Bridge, ctx: Context):
+    """MedGemma's turn for this request: at once on a device (a second generation gets busy
+    from the model), in FIFO order with ``queued`` events in LAN mode (android_bridge.lan.queue).
+    Yields False when the request was cancelled while it waited. The request's time limit
+    (android_bridge.bridge.Deadline) stops while it waits and starts again, whole, at its turn:
+    a tablet is not timed out for standing in line (the queue's bound limits that wait)."""
+    if bridge.lan is None:
+        yield True
+        return
 
+    def waiting(position: int, eta: float) -> None:
+        ctx.event("queued", position=position, estimated_wait_s=eta)
+
+    clock = ctx.cancel if hasattr(ctx.cancel, "restart") else None
+    if clock is not None:
+        clock.pause()
+    try:
+        with bridge.lan.queue.turn(ctx.cancel, waiting) as got:
+            if clock is not None:
+                clock.restart()
+                clock = None
+            yield got
+    finally:
+        if clock is not None:  # busy (the queue full) or a failure: the clock runs again
+            clock.restart()
+
+
+def op_generate(bridge: Bridge, ctx: Context) -> Outcome:
     model = bridge.runtime.require("medgemma")
     options = _capped(bridge, media.generate_options(ctx.req.params), model)
-    messages, images = media.conversation(ctx.req.params, allow_paths=bridge.allow_paths, budget=ctx.budget)
+    messages, images = media.conversation(ctx.req.params, allow_paths=ctx.allow_paths, budget=ctx.budget)
+    with _turn(bridge, ctx) as got:
+        if not got:  # cancelled while it waited: the bridge ends it with done(cancelled)
+            return Outcome(None, "cancelled")
+        return _generate(ctx, model, options, messages, images)
+
+
+def _generate(ctx: Context, model: Any, options: media.GenerateOptions, messages, images) -> Outcome:
+    from edge.medgemma.model import DISCLAIMER
 
     def progress(stage: str, n: int, total: int) -> None:
         ctx.event("progress", stage=stage, done=n, total=total)
@@ -152,7 +188,7 @@ def _images(bridge: Bridge, ctx: Context) -> list:
     """The op's image sources, decoded within the request's image budget."""
     srcs = media.image_list(ctx.req.params)
     ctx.budget.expect(len(srcs))
-    return [ctx.budget.load(src, allow_paths=bridge.allow_paths) for src in srcs]
+    return [ctx.budget.load(src, allow_paths=ctx.allow_paths) for src in srcs]
 
 
 def op_prepare_image(bridge: Bridge, ctx: Context) -> Outcome:
@@ -163,6 +199,13 @@ def op_prepare_image(bridge: Bridge, ctx: Context) -> Outcome:
     if prepare is None:
         raise ProtocolError("not_loaded", "this MedGemma can't encode images ahead; generate encodes them")
     images = _images(bridge, ctx)
+    with _turn(bridge, ctx) as got:
+        if not got:
+            return Outcome(None, "cancelled")
+        return _prepare(ctx, prepare, images)
+
+
+def _prepare(ctx: Context, prepare: Any, images: list) -> Outcome:
     stats = {"image_encode_s": 0.0, "image_cache_hits": 0, "image_cache_misses": 0}
     out = []
     for i, image in enumerate(images):
@@ -212,7 +255,7 @@ def op_classify(bridge: Bridge, ctx: Context) -> Outcome:
     label_set = p.get("label_set")
     if label_set is not None and not isinstance(label_set, str):
         raise ProtocolError("invalid_request", "label_set must be a string")
-    image = ctx.budget.load(media.one_image(p), allow_paths=bridge.allow_paths)
+    image = ctx.budget.load(media.one_image(p), allow_paths=ctx.allow_paths)
     out = classification(encoder.classify(image, labels=labels or None, label_set=label_set))
     best = max(range(len(out["scores"])), key=out["scores"].__getitem__)
     return Outcome({**out, "top": {"label": out["labels"][best], "score": out["scores"][best]}})
@@ -230,7 +273,7 @@ def op_search_similar(bridge: Bridge, ctx: Context) -> Outcome:
     if isinstance(p.get("text"), str):
         hits = index.search_text(p["text"], encoder=encoder, k=k)
     else:
-        image = ctx.budget.load(media.one_image(p), allow_paths=bridge.allow_paths)
+        image = ctx.budget.load(media.one_image(p), allow_paths=ctx.allow_paths)
         hits = index.search_image(image, encoder=encoder, k=k)
     matches = [_entry(e) for e in hits]
     if side:
@@ -243,7 +286,7 @@ def op_cancel(bridge: Bridge, ctx: Context) -> Outcome:
     target = ctx.req.params.get("target")
     if not isinstance(target, str) or target == ctx.id:
         raise ProtocolError("invalid_request", "cancel needs 'target': the id of another request")
-    return Outcome({"target": target, "found": bridge.cancel(target)})
+    return Outcome({"target": target, "found": bridge.cancel(target, caller=ctx.caller)})
 
 
 def op_shutdown(bridge: Bridge, ctx: Context) -> Outcome:
@@ -306,7 +349,9 @@ HANDLERS = {
     "shutdown": op_shutdown,
 }
 
-# the clinic's ops (studies, reports) live in their own module, over this one's Outcome
+# the clinic's ops (studies, reports) and the clinic server's admin ops live in their own
+# modules, over this one's Outcome
 from android_bridge import clinic_ops  # noqa: E402
+from android_bridge.lan import ops as lan_ops  # noqa: E402
 
-HANDLERS |= clinic_ops.HANDLERS
+HANDLERS |= clinic_ops.HANDLERS | lan_ops.HANDLERS

@@ -105,6 +105,9 @@ PARAMS: dict[str, dict[str, P]] = {
     },
     "send_report": {"report_id": UID, "version": VERSION, "destination": P(dict)},
     "outbox": {},
+    "lan_pair_code": {},
+    "lan_devices": {},
+    "lan_revoke": {"device_id": P(str, required=True, max_chars=64)},
 }
 _NAMES = {dict: "an object", list: "a list", str: "a string", int: "a whole number"}
 _PLURALS = {dict: "objects", str: "strings"}

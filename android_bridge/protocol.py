@@ -42,6 +42,7 @@ OPS = (
     "send_report",
     "outbox",
 )
+LAN_OPS = ("lan_pair_code", "lan_devices", "lan_revoke")  # clinic-server mode's admin ops (serve --lan)
 ERROR_CODES = (
     "loading",
     "not_loaded",
@@ -53,6 +54,7 @@ ERROR_CODES = (
     "internal",
     "not_found",
     "conflict",
+    "forbidden",
 )
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 MODELS = ("medgemma", "medsiglip")
@@ -69,6 +71,7 @@ HTTP_STATUS = {
     "internal": 500,
     "not_found": 404,
     "conflict": 409,
+    "forbidden": 403,
 }
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_REQUEST_BYTES = 64 << 20  # one request, as text (the line and HTTP transports cut at the same size)
@@ -127,7 +130,7 @@ def _validate(obj: dict, rid: str | None) -> Request:
     if rid is None:
         raise ProtocolError("invalid_request", "request id must be a string of 1-128 letters, digits or ._:-")
     op = obj.get("op")
-    if op not in OPS:
+    if op not in OPS and op not in LAN_OPS:
         raise ProtocolError("invalid_request", f"unknown op {short(op)}; one of: {', '.join(OPS)}")
     params = obj.get("params", {})
     if params is None:

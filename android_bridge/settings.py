@@ -1,4 +1,5 @@
-"""The loopback server's settings: one dataclass behind the CLI flags and the tests' app factory."""
+"""The server's settings: one dataclass behind the CLI flags and the tests' app factory (loopback,
+and the clinic-server mode's :class:`LanSettings`)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,61 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class LanSettings:
+    """Clinic-server mode (``serve --lan``, android_bridge.lan): TLS, paired devices, the queue.
+
+    Each field is a ``serve`` flag (its ``flag``). The certificate, the paired devices and the
+    audit log are kept in ``<data_dir>/lan/``.
+    """
+
+    queue: int = setting(
+        16,
+        "generations that may wait their turn in LAN mode; one more gets 'busy'",
+        flag="--lan-queue",
+        minimum=1,
+        maximum=1024,
+    )
+    rate: int = setting(
+        60,
+        "requests per minute one paired device may make (a token bucket); past it 429 'busy'",
+        flag="--lan-rate",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    pair_ttl_s: float = setting(
+        300.0,
+        "seconds a pairing code stays valid",
+        flag="--lan-pair-ttl",
+        minimum=10.0,
+        maximum=86400.0,
+    )
+    pair_attempts: int = setting(
+        5,
+        "failed pairing attempts allowed per minute; one more burns the open pairing codes",
+        flag="--lan-pair-attempts",
+        minimum=1,
+        maximum=100,
+    )
+    audit_max_bytes: int = setting(
+        8 << 20,
+        "size at which the audit log (lan/audit.jsonl) is rotated to audit.jsonl.1",
+        flag="--lan-audit-max-bytes",
+        minimum=4096,
+        maximum=1 << 40,
+    )
+    cert_days: int = setting(
+        730,
+        "validity of the self-signed certificate made on first start, in days",
+        flag="--lan-cert-days",
+        minimum=1,
+        maximum=3650,
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True)
 class DicomSettings:
     """The DICOM node inside ``serve`` (android_bridge.dicom_node): where it listens and whom
     it accepts. ``port`` None: no node. A ``host`` other than loopback is a LAN bind, logged as
@@ -119,10 +175,18 @@ class ServeSettings:
     index_received: bool = False  # add each received image to the similar-case index
     prepare_received: bool = False  # encode the newest received study for MedGemma while idle
     delivery: Any = None  # android_bridge.delivery.DeliverySettings: where send_report delivers
+    lan: LanSettings | None = None  # clinic-server mode (TLS, paired devices, queue); None: loopback
 
     def __post_init__(self) -> None:
         if len(self.token) < 32:
             raise ValueError("the token must have at least 128 bits (32 hex characters)")
+        if self.lan is not None and self.data_dir is None:
+            raise ValueError("LAN mode keeps its certificate and paired devices in data_dir: give one")
+
+    @property
+    def lan_dir(self) -> Path | None:
+        """Where LAN mode keeps its certificate, paired devices and audit log (None: not LAN)."""
+        return None if self.lan is None or self.data_dir is None else Path(self.data_dir) / "lan"
 
     @property
     def loopback(self) -> bool:

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "archive": "medgemma_edge.archive",
     "demo": "medgemma_edge.demo.main",
     "serve": "medgemma_edge.serve",
+    "lan": "medgemma_edge.lan",
     "dicom": "medgemma_edge.dicom",
     "report": "medgemma_edge.report",
 }

@@ -1,7 +1,9 @@
 """``medgemma-edge serve``: the bridge over loopback HTTP (default), stdio or a Unix socket.
 
 Prints the URL and the web page's address, writes the endpoint file (host, port, pid, token;
-mode 0600) and with ``--open`` opens the page in a browser. The server stack (starlette,
+mode 0600) and with ``--open`` opens the page in a browser. ``--lan [ADDR]`` is the clinic-server
+mode (android_bridge.lan; docs/CLINIC_SERVER.md): HTTPS with a pinned self-signed certificate,
+paired devices, a fair queue for generations, rate limits and an audit log. The server stack (starlette,
 uvicorn: the ``serve`` extra) is imported only when the command runs.
 """
 
@@ -37,6 +39,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--open", action="store_true", help="open the web page in a browser")
     _add_limit_flags(p)
     _add_clinic_flags(p)
+    _add_lan_flags(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--stdio", action="store_true", help="speak JSON lines on stdin/stdout instead of HTTP")
     mode.add_argument("--unix-socket", type=Path, help="speak JSON lines on this Unix socket instead of HTTP")
@@ -82,6 +85,46 @@ def _add_clinic_flags(p: argparse.ArgumentParser) -> None:
         help="encode the newest received study for MedGemma while the device is idle",
     )
     _add_settings_flags(g, "android_bridge.delivery", "DeliverySettings", "send_")
+
+
+def _add_lan_flags(p: argparse.ArgumentParser) -> None:
+    """``--lan [ADDR]`` and one flag per field of android_bridge.settings.LanSettings."""
+    g = p.add_argument_group("clinic server (serve --lan; docs/CLINIC_SERVER.md)")
+    g.add_argument(
+        "--lan",
+        nargs="?",
+        const="0.0.0.0",
+        metavar="ADDR",
+        help="serve the clinic's tablets on this LAN address (default with no ADDR: every interface) "
+        "over HTTPS with a self-signed certificate devices pin; only paired devices get in",
+    )
+    _add_settings_flags(g, "android_bridge.settings", "LanSettings", "lan_")
+
+
+def _lan(args: argparse.Namespace) -> dict:
+    """ServeSettings' ``host`` and ``lan`` from ``--lan`` and its flags (UsageError when they clash)."""
+    from android_bridge.settings import LanSettings
+    from edge.settings import fields
+
+    extra = [
+        f.metadata["flag"] for f in fields(LanSettings) if getattr(args, f"lan_{f.name}", None) is not None
+    ]
+    if args.lan is None:
+        if extra:
+            raise UsageError(f"{extra[0]} is for the clinic-server mode: add --lan [ADDR]")
+        return {}
+    if args.stdio or args.unix_socket:
+        raise UsageError("--lan serves HTTPS: drop --stdio / --unix-socket")
+    if args.no_data:
+        raise UsageError(
+            "--lan keeps its certificate and paired devices in the data directory: drop --no-data"
+        )
+    if args.host != "127.0.0.1":
+        raise UsageError("give the address once: --lan ADDR (not --host with --lan)")
+    return {
+        "host": args.lan,
+        "lan": _settings_from_flags(args, "android_bridge.settings", "LanSettings", "lan_"),
+    }
 
 
 def _add_settings_flags(p, module: str, name: str, prefix: str) -> None:
@@ -160,11 +203,17 @@ def settings_from_args(args: argparse.Namespace):
 
     bundle, medgemma, image_cache = medgemma_settings(args)
     siglip_bundle = open_bundle(args.medsiglip_bundle) if args.medsiglip_bundle else bundle
+    lan = _lan(args)
+    clinic = _clinic(args)
+    if lan and not clinic.get("data_dir"):
+        raise UsageError(
+            "--lan keeps its certificate and paired devices in the data directory: give --data DIR"
+        )
     return ServeSettings(
         bundle=bundle.root,
         medsiglip_bundle=args.medsiglip_bundle,
         index=args.index,
-        host=args.host,
+        host=lan.get("host", args.host),
         port=args.port,
         max_body_bytes=parse_bytes(args.max_body),
         endpoint_file=args.endpoint_file or default_endpoint_file(),
@@ -174,13 +223,16 @@ def settings_from_args(args: argparse.Namespace):
         image_cache=image_cache,
         allow_paths=not args.no_paths,
         limits=_limits(args),
-        **_clinic(args),
+        lan=lan.get("lan"),
+        **clinic,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    if not settings.loopback:
+    if settings.lan is not None:
+        log.warning("serve: clinic-server mode on %s: HTTPS, paired devices only", settings.host)
+    elif not settings.loopback:
         log.warning("serve: binding %s exposes the runtime beyond this device", settings.host)
     if settings.dicom is not None and settings.dicom.host not in LOOPBACK:
         log.warning(
@@ -204,6 +256,8 @@ def run_serve(args: argparse.Namespace) -> int:
     path = server.write_endpoint(settings.endpoint_file)
     print(f"medgemma-edge serve: {server.url} (token and pid in {path})", flush=True)
     print(f"medgemma-edge serve: web page: {_page_line(server, path)}", flush=True)
+    if server.lan is not None:
+        _print_lan(server, path)
     if server.bridge.dicom:
         d = server.bridge.dicom
         print(f"medgemma-edge serve: DICOM node {d['ae_title']} on {d['host']}:{d['port']}", flush=True)
@@ -224,6 +278,20 @@ def _page_line(server, endpoint_file: Path) -> str:
     if sys.stdout.isatty():
         return server.page_url
     return f'{server.url}/ (the address with its access token is "page" in {endpoint_file})'
+
+
+def _print_lan(server, endpoint_file: Path) -> None:
+    """The certificate's fingerprint (devices pin it) and, at a terminal, a first pairing code
+    (a pairing code is a credential for a few minutes: not written into a service's log)."""
+    lan = server.lan
+    print(f"medgemma-edge serve: certificate fingerprint (SHA-256) {lan.fingerprint}", flush=True)
+    if sys.stdout.isatty():
+        code, ttl = lan.codes.new()
+        print(f"medgemma-edge serve: pairing code {code} (single use, {ttl / 60:g} min)", flush=True)
+    print(
+        f"medgemma-edge serve: pair a device: `medgemma-edge lan pair-code --endpoint-file {endpoint_file}`",
+        flush=True,
+    )
 
 
 def _open_page(url: str) -> None:

@@ -108,6 +108,14 @@ CASES: list[tuple[str, list[str]]] = [
     ("search-k-0", ["search", "--k", "0", "--text", "x", "--index", "{T}/x7", "-b", "{B}"]),
     ("search-k-not-a-number", ["search", "--k", "abc", "--text", "x"]),
     ("search-image-and-text", ["search", "{T}/a.png", "--text", "x"]),
+    # lan
+    ("lan-no-endpoint-file", ["lan", "--endpoint-file", "{T}/nope.json", "devices"]),
+    ("lan-endpoint-dev-zero", ["lan", "--endpoint-file", "/dev/zero", "devices"]),
+    ("lan-revoke-no-id", ["lan", "revoke"]),
+    ("serve-lan-and-stdio", ["serve", "-b", "{B}", "--lan", "--stdio"]),
+    ("serve-lan-flag-without-lan", ["serve", "-b", "{B}", "--lan-queue", "4"]),
+    ("serve-lan-rate-zero", ["serve", "-b", "{B}", "--lan", "--lan-rate", "0"]),
+    ("serve-lan-no-data", ["serve", "-b", "{B}", "--lan", "--no-data"]),
     # serve (every case must fail before it would listen)
     ("serve-bundle-dev-zero", ["serve", "-b", "/dev/zero"]),
     ("serve-max-body-not-a-size", ["serve", "-b", "{B}", "--max-body", "lots"]),

@@ -1,10 +1,14 @@
-"""Run the loopback app under uvicorn: bind, write the endpoint file, stop cleanly.
+"""Run the app under uvicorn: bind, write the endpoint file, stop cleanly.
 
 The socket is bound here (port 0 → a free port) before uvicorn starts, so the URL is known up
 front. The endpoint file (JSON: url, host, port, pid, token, page, protocol) is created 0600 in a 0700
 directory, written atomically, and removed on exit. On SIGTERM (or the ``shutdown`` op) the
 bridge stops taking work and cancels what runs: generations end with ``done(cancelled)`` within
 one token, uvicorn lets those streams finish (up to ``grace_s``), then the models are closed.
+
+In clinic-server mode (``settings.lan``) the server speaks TLS with the LAN certificate
+(android_bridge.lan.tls), its URLs are ``https://``, and the endpoint file also carries the
+certificate's ``fingerprint`` (which devices pin) and ``"lan": true``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class RunningServer:
         self.host, self.port = self.sock.getsockname()[:2]
         self.app = create_app(settings, bridge)
         self.bridge: Bridge = self.app.state.bridge
+        cert = self.bridge.lan.cert if self.bridge.lan is not None else None
+        tls = {"ssl_certfile": str(cert.cert), "ssl_keyfile": str(cert.key)} if cert is not None else {}
         config = uvicorn.Config(
             self.app,
             log_level=log_level,
@@ -62,6 +68,7 @@ class RunningServer:
             # limit (a plain-text 503, counting idle keep-alive connections too) is only a backstop
             limit_concurrency=2 * settings.limits.max_connections + 8,
             server_header=False,
+            **tls,
         )
         self.server = _Server(config, self.bridge)
         self.bridge.shutdown_hooks.append(self.stop)
@@ -70,8 +77,20 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        """The server's address from this machine (a wildcard bind is reached on loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.lan else 'http'}://{host}:{self.port}"
+
+    @property
+    def lan(self):
+        """The bridge's LAN mode (android_bridge.lan.mode.LanMode), or None on loopback."""
+        return self.bridge.lan
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The TLS certificate's SHA-256 (64 lowercase hex) in LAN mode, else None."""
+        return self.lan.fingerprint if self.lan is not None else None
 
     @property
     def page_url(self) -> str:
@@ -99,6 +118,7 @@ class RunningServer:
                     "page": self.page_url,
                     "protocol": VERSION,
                     "started": time.time(),
+                    **({"lan": True, "fingerprint": self.fingerprint} if self.lan is not None else {}),
                 },
                 f,
             )

@@ -90,6 +90,9 @@ async function run(kind) {
           entry.item.dataset.tokens = String(tokens);
           if (tokens === 1) status("Answering…");
         } else status(`Drafting the report… ${tokens} tokens`);
+      } else if (m.event === "queued") {
+        // a clinic server (serve --lan) runs one generation at a time: this one waits its turn
+        status(`Waiting in line: ${m.position} ahead, about ${Math.max(1, Math.round(m.estimated_wait_s))} s…`);
       } else if (m.event === "progress" && m.stage === "image" && m.done < m.total) status("Encoding the image…");
     };
     status(kind === "answer" ? "Waiting for the first words…" : "Drafting the report…");

@@ -77,6 +77,7 @@ function modelLine(container, info, name) {
 export function renderHealth(h) {
   const mg = h.models.medgemma;
   const ms = h.models.medsiglip;
+  renderLan(h);
   const chip = $("runtime");
   const states = { ready: "ready", generating: "answering", loading: "loading…", uninitialized: "not loaded", error: "failed to load" };
   const text = `Runtime: MedGemma ${states[mg.state] || mg.state}, MedSigLIP ${states[ms.state] || ms.state}`;
@@ -94,6 +95,18 @@ export function renderHealth(h) {
   line.append(".");
   if (mg.error) line.append(" ", el("span", { class: "error-text", text: `MedGemma: ${mg.error}` }));
   renderCapabilities(h, ms);
+}
+
+// Clinic-server mode (serve --lan): the certificate fingerprint tablets pin, read off this screen.
+function renderLan(h) {
+  const p = $("lan");
+  if (!h.lan) return void (p.hidden = true);
+  const pairs = h.lan.fingerprint.toUpperCase().match(/../g).join(":");
+  const q = h.lan.queue;
+  const text = `Clinic server: ${h.lan.devices} paired device(s); ${q.running + q.waiting} generation(s) running or waiting. `
+    + `Certificate fingerprint (SHA-256) for pairing: ${pairs}`;
+  if (p.textContent !== text) p.textContent = text;
+  p.hidden = false;
 }
 
 function renderCapabilities(h, ms) {
