@@ -10,10 +10,14 @@ own. Printed:
    (the path before the ONNX encoder) vs the ONNX int8 encoder; a follow-up question with the KV
    cache reused vs re-decoding the image from the embedding cache.
 3. The image encoders alone, each in its own process: peak RSS of encoding one 896 px image.
+4. With a MedGemma 27B bundle as well (``--bundle-27b B`` or $MEDGEMMA_EDGE_BUNDLE_27B: an export or
+   an import of the real 27B; a full-size 27B twin is 54 GB, out of reach here): 4B and 27B side
+   by side under each clinic-workstation profile (estimate, peak RSS, speeds, 27B / 4B ratios),
+   and which bundle the auto-pick (edge.device.profiles.pick_bundle) gives this machine.
 
-    .venv/bin/python benchmarks/bench_profiles.py [--profiles a,b] [--bundle B]
+    .venv/bin/python benchmarks/bench_profiles.py [--profiles a,b] [--bundle B] [--bundle-27b B27]
 
-The bundle is built on demand and cached (benchmarks/full_bundle.py).
+The 4B bundle is built on demand and cached (benchmarks/full_bundle.py).
 """
 
 from __future__ import annotations
@@ -99,6 +103,12 @@ def main() -> int:
     ap.add_argument("--bundle", type=Path, help="default: the cached full-twin bundle (built on demand)")
     ap.add_argument("--profiles", help="comma list (default: all)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--bundle-27b",
+        type=Path,
+        default=os.environ.get("MEDGEMMA_EDGE_BUNDLE_27B") or None,
+        help="a MedGemma 27B bundle to report beside the 4B one (default: $MEDGEMMA_EDGE_BUNDLE_27B)",
+    )
     a = ap.parse_args()
     bundle = a.bundle or ensure()
     names = a.profiles.split(",") if a.profiles else list(all_profiles())
@@ -161,8 +171,45 @@ def main() -> int:
             f"{kind:<28}{e['encode_s']:>8.2f}s{e['peak_rss_bytes'] / GB:>8.2f}GB{e['before_bytes'] / GB:>19.2f}GB"
             f"{(e['peak_rss_bytes'] - e['before_bytes']) / GB:>13.2f}GB"
         )
+    if a.bundle_27b:
+        both(bundle, a.bundle_27b, hist, runs)
     print(f"\nper-run JSON: {hist}")
     return 0
+
+
+def both(bundle_4b: Path, bundle_27b: Path, hist: Path, runs_4b: dict) -> None:
+    """4B and 27B under each clinic-workstation profile, and the auto-pick's choice here."""
+    from edge.bundle.manifest import open_bundle
+    from edge.device.profiles import LARGE_PROFILES, model_family, pick_bundle
+
+    b4, b27 = open_bundle(bundle_4b), open_bundle(bundle_27b)
+    if (model_family(b4), model_family(b27)) != ("4b", "27b"):
+        raise SystemExit(f"{bundle_27b} is not a MedGemma 27B bundle (or {bundle_4b} is not a 4B one)")
+    print(f"\n== MedGemma 4B and 27B ({bundle_27b}), same machine, same run ==", flush=True)
+    head = (
+        f"{'profile':<22}{'model':<6}{'quant':<8}{'estimate':>9}{'peak RSS':>9}{'error':>7}"
+        f"{'prompt t/s':>11}{'gen t/s':>8}{'cold':>7}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for name in LARGE_PROFILES:
+        pair = {
+            "4B": runs_4b.get(name) or bench(bundle_4b, hist, "--profile", name),
+            "27B": bench(bundle_27b, hist, "--profile", name),
+        }
+        for model, r in pair.items():
+            est, peak = r["memory_estimate_bytes"], r["peak_rss_bytes"]
+            print(
+                f"{name:<22}{model:<6}{r['quant']:<8}{est / GIB:>8.2f}G{peak / GIB:>8.2f}G"
+                f"{(est - peak) / peak * 100:>+6.1f}%{r['prompt_tps']:>11.1f}{r['generation_tps']:>8.1f}"
+                f"{r.get('ttft_image_cold_s', float('nan')):>6.1f}s"
+            )
+        four, big = pair["4B"], pair["27B"]
+        print(
+            f"{'':<22}27B/4B: memory {big['peak_rss_bytes'] / four['peak_rss_bytes']:.2f}x, generation "
+            f"{big['generation_tps'] / four['generation_tps']:.2f}x the speed"
+        )
+    pick = pick_bundle([b4, b27])
+    print(f"auto-pick on this machine: {pick.bundle.root} ({pick.family}, {pick.profile}): {pick.reason}")
 
 
 if __name__ == "__main__":

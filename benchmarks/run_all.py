@@ -1,7 +1,9 @@
 """``make bench``: the runtime benchmarks, in turn, each printing its tables.
 
     bench_profiles.py   every device profile + the image path on the `full` twins (built once,
-                        cached; see full_bundle.py)
+                        cached; see full_bundle.py); with $MEDGEMMA_EDGE_BUNDLE_27B set to a
+                        MedGemma 27B bundle, 4B and 27B side by side under the workstation
+                        profiles
     bench_llm.py        the runtime's overhead against raw llama-cpp-python (real Gemma 3 270M)
     bench_cases.py      case-index throughput and search latency (tiny twin + synthetic vectors)
     bench_encoders.py   the image encoder engines side by side (onnxruntime fp32 / dynamic int8 /

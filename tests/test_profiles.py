@@ -24,7 +24,16 @@ KNOBS = {
 
 def test_every_profile_sets_every_knob():
     all_ = profiles.all_profiles()
-    assert set(all_) == {"phone-4GB", "phone-8GB", "jetson-orin-nano-8GB", "laptop-8GB", "laptop-16GB"}
+    assert set(all_) == {
+        "phone-4GB",
+        "phone-8GB",
+        "jetson-orin-nano-8GB",
+        "laptop-8GB",
+        "laptop-16GB",
+        "workstation-32GB",
+        "gpu-24GB",
+        "jetson-agx-orin-64GB",
+    }
     for name, prof in all_.items():
         assert KNOBS <= set(prof), (name, KNOBS - set(prof))
         assert prof["kv_type"] in ("f16", "q8_0", "q4_0", "f32")
@@ -44,7 +53,61 @@ def test_every_profile_sets_every_knob():
     ],
 )
 def test_detect(gib, jetson, android, expected):
-    assert profiles.detect(int(gib * GIB), jetson=jetson, android=android) == expected
+    assert profiles.detect(int(gib * GIB), jetson=jetson, android=android, gpu_memory=0) == expected
+
+
+@pytest.mark.parametrize(
+    "gib, jetson, gpu_gib, family, expected",
+    [
+        (61.3, True, 0, "27b", "jetson-agx-orin-64GB"),  # AGX Orin 64 GB: for either model
+        (61.3, True, 0, "4b", "jetson-agx-orin-64GB"),
+        (7.4, True, 0, "27b", "jetson-orin-nano-8GB"),
+        (31.2, False, 0, "27b", "workstation-32GB"),  # a 32 GB box shows ~31 GiB
+        (64, False, 0, "27b", "workstation-32GB"),
+        (15.5, False, 23.99, "27b", "gpu-24GB"),  # a 24 GB card shows 24564 MiB
+        (64, False, 80, "27b", "gpu-24GB"),
+        (15.5, False, 0, "27b", "laptop-16GB"),  # no 27B class: the load refuses a 27B (exit 4)
+        (15.5, False, 12, "27b", "laptop-16GB"),
+        (64, False, 24, "4b", "laptop-16GB"),  # a 4B bundle keeps the laptop profiles
+    ],
+)
+def test_detect_for_the_27b_family(gib, jetson, gpu_gib, family, expected):
+    got = profiles.detect(
+        int(gib * GIB), jetson=jetson, android=False, gpu_memory=int(gpu_gib * GIB), family=family
+    )
+    assert got == expected
+
+
+def test_large_profiles_fit_their_machines():
+    all_ = profiles.all_profiles()
+    for name in profiles.LARGE_PROFILES:
+        prof = all_[name]
+        assert not prof["repack"] and not prof["swa_full"] and prof["kv_type"] == "f16", name
+        assert prof["quant"][0] in ("Q4_K_M", "Q5_K_M"), name
+    assert all_["workstation-32GB"]["gpu_layers"] == 0 and not all_["workstation-32GB"]["image_gpu"]
+    gpu = all_["gpu-24GB"]
+    assert (
+        gpu["gpu_layers"] == -1
+        and gpu["image_gpu"]
+        and gpu["image_encoder"] == "onnx"
+        and gpu["vram_gib"] == 24
+    )
+    assert all_["jetson-agx-orin-64GB"]["gpu_layers"] == -1
+
+
+def test_gpu_memory_reads_nvidia_smi_when_llama_cpp_offloads(tmp_path, monkeypatch):
+    import llama_cpp
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 24564\necho 8192\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(resources, "_GPU_MEMORY", [])
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    assert resources.gpu_memory() == 24564 * 2**20  # the largest GPU, MiB
+    monkeypatch.setattr(resources, "_GPU_MEMORY", [])
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    assert resources.gpu_memory() == 0  # a CPU-only llama.cpp offloads nothing, whatever the GPU
 
 
 def test_unknown_profile_lists_the_known_ones():

@@ -142,3 +142,15 @@ def test_registry_medsiglip_numbers_are_the_full_twins():
     vision = sum(p.numel() for p in model.vision_model.parameters())
     text = sum(p.numel() for p in model.text_model.parameters())
     assert math.isclose(vision, 428.6e6, rel_tol=0.01) and math.isclose(text, 449.7e6, rel_tol=0.01)
+
+
+def test_27b_twin_sizes_are_medgemma_only(tmp_path):
+    from edge.errors import UsageError
+
+    with pytest.raises(UsageError, match="twin size tiny-27b is MedGemma's only"):
+        twin.build_twin("medsiglip", size="tiny-27b", out=tmp_path / "x")
+    mid = twin.gemma3_config("mid-27b")["text_config"]
+    assert mid["num_hidden_layers"] == 62
+    for width in (mid["hidden_size"], mid["intermediate_size"], mid["num_attention_heads"] * mid["head_dim"]):
+        assert width % 256 == 0, width  # every row a whole number of K-quant blocks, as in the real 27B
+    assert mid["query_pre_attn_scalar"] == mid["hidden_size"] // mid["num_attention_heads"]

@@ -5,6 +5,15 @@ model's own choices per profile, copied from its registry entry at export). :fun
 names the profile that fits this machine; :func:`medgemma_settings` turns a profile into
 :class:`~edge.medgemma.settings.MedGemmaSettings` for a given bundle, choosing the first
 quantization the bundle actually has. Explicit options (CLI flags) always win over the profile.
+
+MedGemma 27B (models/medgemma-27b-it.toml). A bundle holds one MedGemma; which one comes from
+its manifest's model facts (:func:`model_family`: 62 layers is the 27B family, as for llama.cpp).
+For a 27B bundle, ``auto`` picks a clinic-workstation profile (:data:`LARGE_PROFILES`) when the
+machine is of its class: a Jetson with 48 GiB of RAM or more (the AGX Orin 64 GB), a GPU of 22
+GiB or more, 30 GiB of RAM or more. A device that holds two bundles (a 4B and a 27B) chooses
+between them with :func:`pick_bundle`: the 27B one when the device fits it (its memory estimate
+under that profile against free RAM, or against the GPU's memory when the profile offloads every
+layer), else the 4B one.
 """
 
 from __future__ import annotations
@@ -13,8 +22,10 @@ import importlib.util
 import logging
 import os
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from edge.errors import EdgeError, UsageError
 from edge.medgemma.settings import MedGemmaSettings
@@ -25,6 +36,8 @@ from edge.settings import from_mapping, overrides
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+LARGE_PROFILES = ("jetson-agx-orin-64GB", "gpu-24GB", "workstation-32GB")  # for the 27B family
+LARGE_LAYERS = 62  # Gemma 3 27B's layer count (llama.cpp's LLM_TYPE_27B)
 
 
 @cache
@@ -57,24 +70,55 @@ def _is_android() -> bool:
     return "ANDROID_ROOT" in os.environ or Path("/system/build.prop").exists()
 
 
-def detect(memory: int | None = None, *, jetson: bool | None = None, android: bool | None = None) -> str:
-    """The profile for this machine: Jetson → jetson-orin-nano-8GB; Android → phone-8GB at 7 GiB
-    of RAM or more, else phone-4GB; other machines → laptop-16GB at 15 GiB or more, laptop-8GB at
-    6 GiB or more, else phone-4GB (a small board is sized like a small phone)."""
+def model_family(bundle) -> str:
+    """ "27b" for a bundle whose MedGemma is of the 27B family (62 layers, as the manifest's model
+    facts record for an export or an import), else "4b"."""
+    try:
+        model = bundle.component("medgemma").get("model") or {}
+    except EdgeError:
+        return "4b"
+    return "27b" if int(model.get("n_layers") or 0) == LARGE_LAYERS else "4b"
+
+
+def detect(
+    memory: int | None = None,
+    *,
+    jetson: bool | None = None,
+    android: bool | None = None,
+    gpu_memory: int | None = None,
+    family: str = "4b",
+) -> str:
+    """The profile for this machine: Jetson → jetson-agx-orin-64GB at 48 GiB of RAM or more, else
+    jetson-orin-nano-8GB; Android → phone-8GB at 7 GiB of RAM or more, else phone-4GB; other
+    machines → laptop-16GB at 15 GiB or more, laptop-8GB at 6 GiB or more, else phone-4GB (a small
+    board is sized like a small phone). For ``family="27b"`` (a 27B bundle) other machines first
+    get gpu-24GB with a GPU of 22 GiB or more (``gpu_memory``: detected when None), then
+    workstation-32GB at 30 GiB of RAM or more."""
+    from edge.device import resources
+
     gib = (memory if memory is not None else total_memory()) / 2**30
     if jetson if jetson is not None else _is_jetson():
-        return "jetson-orin-nano-8GB"
+        return "jetson-agx-orin-64GB" if gib >= 48 else "jetson-orin-nano-8GB"
     if android if android is not None else _is_android():
         return "phone-8GB" if gib >= 7 else "phone-4GB"
+    if family == "27b":
+        vram = (gpu_memory if gpu_memory is not None else resources.gpu_memory()) / 2**30
+        if vram >= 22:
+            return "gpu-24GB"
+        if gib >= 30:
+            return "workstation-32GB"
     if gib >= 15:
         return "laptop-16GB"
     return "laptop-8GB" if gib >= 6 else "phone-4GB"
 
 
-def get(name: str | None) -> tuple[str, dict]:
-    """(name, profile) for ``name``; ``None`` or ``auto`` detects. UsageError lists the names."""
+def get(name: str | None, bundle=None) -> tuple[str, dict]:
+    """(name, profile) for ``name``; ``None`` or ``auto`` detects (for ``bundle``'s model family
+    when one is given). UsageError lists the names."""
     profiles = all_profiles()
-    chosen = detect() if name in (None, AUTO) else name
+    chosen = (
+        detect(family=model_family(bundle) if bundle is not None else "4b") if name in (None, AUTO) else name
+    )
     if chosen not in profiles:
         raise UsageError(f"unknown device profile {name!r}; known: {', '.join(profiles)} (or auto)")
     return chosen, dict(profiles[chosen])
@@ -88,7 +132,7 @@ def medgemma_settings(bundle, name: str | None = None, **explicit) -> tuple[str,
     (``threads``, ``mmproj``); ``quant`` lists text GGUFs in order of preference and the first
     one the bundle has is chosen; ``image_encoder`` falls back to what the bundle has.
     """
-    chosen, prof = get(name)
+    chosen, prof = get(name, bundle)
     model_says = dict((bundle.component("medgemma").get("profiles") or {}).get(chosen, {}))
     if "text" in model_says:  # bundles exported before the profiles file named it so
         model_says["quant"] = model_says.pop("text")
@@ -154,7 +198,7 @@ def medsiglip_settings(bundle, name: str | None = None, **explicit) -> MedSigLIP
     """MedSigLIP's settings under profile ``name``: its precision when the bundle has it (the
     model's own choice in the manifest first, then the device profile's), else the bundle's
     default; ``explicit`` (non-None values) overriding."""
-    chosen, prof = get(name)
+    chosen, prof = get(name, bundle)
     settings = MedSigLIPSettings()
     try:
         comp = bundle.component("medsiglip")
@@ -175,3 +219,91 @@ def _encoder(bundle, prof: dict) -> str:
     if "mmproj" in roles:
         return "mmproj"
     return "auto"
+
+
+# --- two bundles on one device: 27B when it fits, else 4B --------------------------------------------
+
+
+@dataclass
+class Pick:
+    """What :func:`pick_bundle` chose, and why (a line for the log)."""
+
+    bundle: Any
+    profile: str
+    family: str
+    need_bytes: int
+    budget_bytes: int
+    reason: str
+
+
+def need_bytes(bundle, name: str) -> tuple[int, bool]:
+    """(bytes ``bundle``'s MedGemma needs under profile ``name``, whether they go to the GPU): the
+    load's own estimate (:func:`edge.device.resources.estimate`) of the text file the profile
+    chooses, its KV cache at the profile's context and the image encoder, read from headers."""
+    from edge.bundle.gguf_header import read_header
+    from edge.device import resources
+
+    _, settings = medgemma_settings(bundle, name)
+    texts = [f for f in bundle.files("medgemma") if f["role"] == "text"]
+    text = next((f for f in texts if f.get("quant") == settings.quant), texts[0])
+    role = "vision-onnx" if settings.image_encoder == "onnx" else "mmproj"
+    encoder = next((f for f in bundle.files("medgemma") if f["role"] == role), None)
+    est = resources.estimate(
+        bundle.path(text),
+        read_header(bundle.path(text)),
+        encoder=bundle.path(encoder) if encoder else None,
+        n_ctx=settings.n_ctx,
+        kv_type=settings.kv_type,
+        repack=settings.repack,
+        swa_full=settings.swa_full,
+        n_batch=settings.n_batch,
+    )
+    offloaded = settings.gpu_layers != 0 and "vram_gib" in all_profiles()[name]
+    return est.total, offloaded
+
+
+def pick_bundle(
+    bundles,
+    *,
+    memory: int | None = None,
+    available: int | None = None,
+    gpu_memory: int | None = None,
+    jetson: bool | None = None,
+    android: bool | None = None,
+) -> Pick:
+    """The bundle (of ``bundles``, opened) this device should run, with its profile: a 27B one
+    when the machine is of a 27B profile's class and its estimate fits the budget (free RAM, or
+    the GPU's memory for a profile that offloads every layer), else the first other one. When none
+    fits, the smallest: its load then refuses with the numbers (exit 4).
+
+    Raises:
+        UsageError: no bundle given.
+    """
+    from edge.device import resources
+
+    if not bundles:
+        raise UsageError("no bundle to choose from")
+    avail = available if available is not None else resources.available_memory()
+    vram = gpu_memory if gpu_memory is not None else resources.gpu_memory()
+    ranked = sorted(bundles, key=lambda b: model_family(b) != "27b")  # 27B first, stable otherwise
+    tried = []
+    for b in ranked:
+        family = model_family(b)
+        name = detect(memory, jetson=jetson, android=android, gpu_memory=vram, family=family)
+        if family == "27b" and name not in LARGE_PROFILES:
+            tried.append(f"{b.root.name}: 27B, this device is of no 27B profile's class")
+            continue
+        need, on_gpu = need_bytes(b, name)
+        budget = vram if on_gpu else avail
+        if need <= budget:
+            why = f"{family} under {name}: needs {need / 2**30:.2f} GiB of {budget / 2**30:.2f} GiB"
+            return Pick(b, name, family, need, budget, "; ".join([*tried, why]))
+        tried.append(
+            f"{b.root.name}: {family} under {name} needs {need / 2**30:.2f} GiB, {budget / 2**30:.2f} free"
+        )
+    smallest = min(ranked, key=lambda b: sum(f.get("bytes", 0) for f in b.files("medgemma")))
+    family = model_family(smallest)
+    name = detect(memory, jetson=jetson, android=android, gpu_memory=vram, family=family)
+    need, on_gpu = need_bytes(smallest, name)
+    log.warning("no bundle fits this device (%s); trying the smallest", "; ".join(tried))
+    return Pick(smallest, name, family, need, vram if on_gpu else avail, "nothing fits: " + "; ".join(tried))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,39 @@ def available_memory() -> int:
     if budget := os.environ.get(BUDGET_ENV):
         avail = min(avail, parse_bytes(budget))
     return avail
+
+
+_GPU_MEMORY: list[int] = []  # the one probe's answer, per process
+
+
+def gpu_memory() -> int:
+    """Bytes of memory of this machine's largest NVIDIA GPU that llama.cpp can offload to; 0 when
+    the llama.cpp build has no GPU backend or ``nvidia-smi`` shows none (a Jetson shares its RAM:
+    :func:`edge.device.profiles.detect` sizes it by RAM). Probed once per process; local only."""
+    if _GPU_MEMORY:
+        return _GPU_MEMORY[0]
+    found = 0
+    try:
+        import llama_cpp
+
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+    except (ImportError, AttributeError, OSError):
+        offload = False
+    smi = shutil.which("nvidia-smi") if offload else None
+    if smi:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout
+            found = max((int(x) for x in out.split() if x.isdigit()), default=0) * 2**20  # MiB
+        except (OSError, subprocess.SubprocessError):
+            found = 0
+    _GPU_MEMORY.append(found)
+    return found
 
 
 @dataclass
@@ -146,8 +181,13 @@ _ENCODER_ROWS = {"onnx": 36, "mmproj": 10}
 def encoder_bytes(path: Path, *, patches: int = 4096, hidden: int = 1152) -> int:
     """Peak memory of an image encoder while it encodes one image: its file (weights) plus
     activations (see _ENCODER_ROWS)."""
-    rows = _ENCODER_ROWS["onnx" if path.suffix == ".onnx" else "mmproj"]
-    return path.stat().st_size + rows * patches * hidden * 4
+    kind = "onnx" if path.suffix == ".onnx" else "mmproj"
+    return encoder_peak(path.stat().st_size, kind, patches=patches, hidden=hidden)
+
+
+def encoder_peak(file_bytes: int, kind: str, *, patches: int = 4096, hidden: int = 1152) -> int:
+    """:func:`encoder_bytes` for an encoder file of ``file_bytes`` of ``kind`` (onnx, mmproj)."""
+    return file_bytes + _ENCODER_ROWS[kind] * patches * hidden * 4
 
 
 def estimate(
@@ -169,13 +209,40 @@ def estimate(
     floats) + the Python process with its libraries (~100 MiB). Checked against measured peak
     RSS on the full-size twin under every device profile by ``benchmarks/bench_profiles.py``.
     """
+    return estimate_sizes(
+        header,
+        weights=text.stat().st_size,
+        encoder=encoder_bytes(encoder, patches=image_patches) if encoder is not None else 0,
+        n_ctx=n_ctx,
+        kv_type=kv_type,
+        n_batch=n_batch,
+        repack=repack,
+        swa_full=swa_full,
+    )
+
+
+def estimate_sizes(
+    header: GGUFHeader,
+    *,
+    weights: int,
+    encoder: int,
+    n_ctx: int,
+    kv_type: str = "f16",
+    n_batch: int = 512,
+    repack: bool = True,
+    swa_full: bool = True,
+    machine: str | None = None,
+) -> MemoryEstimate:
+    """:func:`estimate` from sizes instead of files: ``weights`` (the text file's bytes) and
+    ``encoder`` (:func:`encoder_peak`), for a model that is not on this machine (the export's
+    estimate of MedGemma 27B from a header built from its config)."""
     vocab = header.vocab_size or 0
     n_embd = int(header.arch_key("embedding_length", 0) or 0)
     overhead = 4 * 8 * vocab + 4 * 12 * n_batch * n_embd + (100 << 20)
     return MemoryEstimate(
-        weights=text.stat().st_size,
+        weights=weights,
         kv_cache=kv_cache_bytes(header, n_ctx, kv_type, swa_full=swa_full),
-        projector=encoder_bytes(encoder, patches=image_patches) if encoder is not None else 0,
+        projector=encoder,
         overhead=overhead,
-        repacked=repacked_bytes(header) if repack else 0,
+        repacked=repacked_bytes(header, machine) if repack else 0,
     )

