@@ -21,10 +21,27 @@ data class Outcome(
  * Kotlin 1.3 level and no coroutines library, so it builds with the same toolchain as the Java
  * client; call these from a worker thread (or wrap them in `withContext(Dispatchers.IO)` in an
  * app that has coroutines). [cancel] may be called from any thread, e.g. from inside onToken.
+ *
+ * A clinic server (`serve --lan`): [pair] once with the admin's pairing code, keep the pairing
+ * (its token is secret), then [lan] for every session. There a generation that finds
+ * MedGemma busy waits its turn and gets [BridgeClient.Queued] events (`onQueued`) first.
  */
 class Bridge(val client: BridgeClient) {
     companion object {
         fun fromEndpointFile(file: File): Bridge = Bridge(BridgeClient.fromEndpointFile(file))
+
+        /** A clinic server at [url] (https), TLS pinned to [fingerprint], as the paired device [token]. */
+        fun lan(url: String, fingerprint: String, token: String): Bridge = Bridge(BridgeClient.lan(url, fingerprint, token))
+
+        /** A clinic server as the device of [pairing] (what [pair] returned and the app stored). */
+        fun lan(pairing: BridgeClient.Pairing): Bridge = Bridge(pairing.client())
+
+        /** Pairs this device ([BridgeClient.pair]); a refused code throws BridgeException "unauthorized",
+         *  a server whose certificate is not [fingerprint] SSLPeerUnverifiedException (nothing sent).
+         *  Keep what it returns ([BridgeClient.Pairing.toJson]) in the app's private storage. */
+        fun pair(url: String, fingerprint: String, code: String, deviceName: String): BridgeClient.Pairing =
+            BridgeClient.pair(url, fingerprint, code, deviceName)
+
         fun newId(): String = "kt-" + java.util.UUID.randomUUID().toString()
     }
 
@@ -34,6 +51,7 @@ class Bridge(val client: BridgeClient) {
         params: JSONObject = JSONObject(),
         id: String = newId(),
         onEvent: (JSONObject) -> Unit = {},
+        onQueued: (BridgeClient.Queued) -> Unit = {},
         onToken: (String) -> Unit = {}
     ): Outcome {
         var result: JSONObject? = null
@@ -42,6 +60,7 @@ class Bridge(val client: BridgeClient) {
         client.stream(BridgeClient.request(id, op, params), object : BridgeClient.Listener {
             override fun onEvent(event: JSONObject) {
                 if (event.getString("event") == "token") onToken(event.getString("text"))
+                BridgeClient.Queued.of(event)?.let(onQueued)
                 onEvent(event)
             }
 
@@ -68,6 +87,7 @@ class Bridge(val client: BridgeClient) {
         maxTokens: Int? = null,
         images: List<ByteArray> = emptyList(),
         id: String = newId(),
+        onQueued: (BridgeClient.Queued) -> Unit = {},
         onToken: (String) -> Unit = {}
     ): Outcome {
         val params = JSONObject().put("prompt", prompt)
@@ -77,7 +97,7 @@ class Bridge(val client: BridgeClient) {
             for (bytes in images) arr.put(JSONObject().put("base64", Base64Codec.encode(bytes)))
             params.put("images", arr)
         }
-        return stream("generate", params, id, onToken = onToken)
+        return stream("generate", params, id, onQueued = onQueued, onToken = onToken)
     }
 
     fun health(): JSONObject = client.call("health", JSONObject())
@@ -108,11 +128,12 @@ class Bridge(val client: BridgeClient) {
         sources: List<JSONObject>,
         maxTokens: Int? = null,
         id: String = newId(),
+        onQueued: (BridgeClient.Queued) -> Unit = {},
         onToken: (String) -> Unit = {}
     ): Outcome {
         val params = JSONObject().put("prompt", prompt).put("images", org.json.JSONArray(sources))
         if (maxTokens != null) params.put("max_tokens", maxTokens)
-        return stream("generate", params, id, onToken = onToken)
+        return stream("generate", params, id, onQueued = onQueued, onToken = onToken)
     }
 
     // -- reports: draft, sign, amend, export, deliver -------------------------------------------
