@@ -344,3 +344,43 @@ def test_auto_profile_of_a_27b_bundle(two_bundles, monkeypatch):
     name, s = profiles.medgemma_settings(b27)
     assert name == "gpu-24GB" and s.gpu_layers == -1 and s.image_gpu is True
     assert profiles.medgemma_settings(b27, "laptop-8GB")[0] == "laptop-8GB"  # a named profile wins
+
+
+def test_a_62_layer_checkpoint_without_model_is_exported_as_27b():
+    from export.gguf.convert import default_model
+
+    assert default_model(registry.get("medgemma-27b-it").config["text_config"]) == "medgemma-27b-it"
+    assert default_model(registry.get("medgemma-4b-it").config["text_config"]) == "medgemma-4b-it"
+    assert default_model({}) == "medgemma-4b-it"
+
+
+def test_a_full_offload_is_checked_against_the_gpus_memory(monkeypatch):
+    from edge.device import resources
+    from edge.errors import ResourceError
+    from edge.medgemma import loading
+    from edge.medgemma.settings import MedGemmaSettings
+
+    class Est:
+        total = 20 * 2**30
+
+        def describe(self):
+            return "20 GiB"
+
+    class Bundle:
+        def path(self, entry):
+            return entry["path"]
+
+    monkeypatch.setattr(resources, "estimate", lambda *a, **k: Est())
+    monkeypatch.setattr(loading, "image_patches", lambda *a: 0)
+    monkeypatch.setattr(resources, "available_memory", lambda: 16 * 2**30)  # gpu-24GB's RAM
+    monkeypatch.setattr(resources, "gpu_memory", lambda: 24 * 2**30)
+    args = (Bundle(), {}, {"path": "text-Q4_K_M.gguf"}, None, None)
+    assert loading.check_memory(*args, MedGemmaSettings(gpu_layers=-1)).total == Est.total
+    with pytest.raises(ResourceError, match="16.00 GiB free"):  # on the CPU it must fit in RAM
+        loading.check_memory(*args, MedGemmaSettings(gpu_layers=0))
+    monkeypatch.setattr(resources, "gpu_memory", lambda: 0)  # no GPU seen: RAM again
+    with pytest.raises(ResourceError, match="16.00 GiB free"):
+        loading.check_memory(*args, MedGemmaSettings(gpu_layers=-1))
+    monkeypatch.setattr(resources, "gpu_memory", lambda: 12 * 2**30)
+    with pytest.raises(ResourceError, match="12.00 GiB of GPU memory"):
+        loading.check_memory(*args, MedGemmaSettings(gpu_layers=-1))

@@ -103,12 +103,14 @@ def check_memory(
         n_batch=s.n_batch,
     )
     if s.check_memory:
-        free = resources.available_memory()
+        # every layer offloaded to a GPU: the weights and the KV cache live in its memory, not RAM
+        gpu = resources.gpu_memory() if s.gpu_layers == -1 else 0
+        free = gpu or resources.available_memory()
         if estimate.total > free:
             raise ResourceError(
-                f"this device has {free / 2**30:.2f} GiB free but {text_entry['path']} at context {s.n_ctx} "
-                f"needs about {estimate.describe()}; use a smaller quantization, --ctx "
-                f"or a smaller --profile"
+                f"this device has {free / 2**30:.2f} GiB {'of GPU memory' if gpu else 'free'} but "
+                f"{text_entry['path']} at context {s.n_ctx} needs about {estimate.describe()}; use a "
+                f"smaller quantization, --ctx or a smaller --profile"
             )
     return estimate
 

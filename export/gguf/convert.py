@@ -57,6 +57,15 @@ StepProgress = Callable[[str, int, int], None]  # (step name, done, total)
 
 COMPONENT = "medgemma"
 DEFAULT_MODEL = "medgemma-4b-it"
+LARGE_MODEL = "medgemma-27b-it"  # a checkpoint of Gemma 3 27B's 62 layers, exported without --model
+
+
+def default_model(text: dict) -> str:
+    """The registry entry of a checkpoint exported without ``--model`` (and not a twin): MedGemma
+    27B for the 62-layer text config of Gemma 3 27B, else MedGemma 4B."""
+    return LARGE_MODEL if int(text.get("num_hidden_layers") or 0) == 62 else DEFAULT_MODEL
+
+
 IMATRIX_FILE = f"{COMPONENT}/imatrix.gguf"
 
 
@@ -246,7 +255,7 @@ def export_medgemma(
     from export.twin import twin_info
 
     twin = twin_info(ckpt.path)
-    spec = registry.get(model_id or (twin or {}).get("model") or DEFAULT_MODEL)
+    spec = registry.get(model_id or (twin or {}).get("model") or default_model(ckpt.text))
     if spec.kind != COMPONENT or spec.architecture != "Gemma3ForConditionalGeneration":
         raise UsageError(f"registry entry {spec.id} is not a MedGemma (Gemma 3 multimodal) model")
     bundle = Path(bundle).absolute()
