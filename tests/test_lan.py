@@ -821,3 +821,13 @@ def test_a_second_address_in_a_network_namespace(tmp_path):
     assert got["url"].startswith("https://10.77.0.1:") and got["status"] == 200
     assert got["text"].strip() == "over the lan" and got["refused"] is True
     assert "10.77.0.1" in got["names"]
+
+
+def test_the_demo_step_pairs_pins_and_revokes(tmp_path, twin_llm_bundle):
+    from medgemma_edge.demo.lan import demo_lan
+
+    n = demo_lan(tmp_path, twin_llm_bundle)
+    assert n["url"].startswith("https://127.0.0.1:") and len(n["fingerprint"]) == 64
+    assert n["health_ok"] and n["revoked"]
+    assert n["wrong_pin"] == "refused (PinMismatch)"
+    assert n["replay"] == n["after_revoke"] == "refused (HTTP 401 unauthorized)"

