@@ -263,8 +263,9 @@ def main() -> None:
     ap.add_argument("--brute-queries", type=int, default=30, help="queries per brute-force method")
     ap.add_argument(
         "--sweep",
-        default="128:128",
-        help="ANN settings to measure, CANDIDATES:EF comma-separated (64:64,128:128)",
+        default=None,
+        help="ANN settings to measure, CANDIDATES:EF comma-separated (64:64,128:256); "
+        "default: the runtime's (edge/cases/ann.py)",
     )
     ap.add_argument("--no-indexing", action="store_true")
     ap.add_argument("--no-search", action="store_true")
@@ -279,7 +280,10 @@ def main() -> None:
         print(f"\nSearch, one query at a time, k={K}, dim {DIM}, clustered; each method in its own process")
         all_rows = []
         for n in (int(s) for s in args.sizes.split(",")):
-            sweep = [tuple(map(int, x.split(":"))) for x in args.sweep.split(",")]
+            from edge.cases import ann
+
+            spec = args.sweep or f"{ann.CANDIDATES}:{ann.EXPANSION_SEARCH}"
+            sweep = [tuple(map(int, x.split(":"))) for x in spec.split(",")]
             all_rows += search(n, work, args.queries + 1, args.brute_queries + 1, THREADS, sweep)
         print(
             f"{'vectors':>8} {'method':<46} {'p50 ms':>8} {'p99 ms':>8} {'recall@10':>9} "

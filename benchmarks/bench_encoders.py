@@ -7,8 +7,8 @@ Three tables (issue #20, and #18's MedSigLIP bullet):
    fp32 / bf16 / NNCF int8 + bf16 — seconds, cosine vs transformers fp32, peak RSS (each engine in
    its own process), and the ratio to today's dynamic int8 in the same run.
 2. **MedSigLIP vision** (448 px): images/s at batch 1 and 8, today's graph (plain attention,
-   dynamic int8) vs the new one (fused attention, static int8), with cosine vs transformers and
-   the batch-8 vs batch-1 difference.
+   dynamic int8) vs the new one (fused attention, static int8), and the fused fp32 graph on
+   OpenVINO (bf16 compute, fp32), with cosine vs transformers and the batch-8 vs batch-1 difference.
 3. **Image-token prefill**: llama.cpp's time for 256 image embeddings by quantization, n_ubatch,
    threads and repack (needs the full bundle of benchmarks/full_bundle.py; skipped without it).
 
@@ -216,18 +216,23 @@ def medsiglip_table(
     spec = ImageSpec(height=vcfg.image_size, width=vcfg.image_size, resample="bicubic")
     x = images_to_batch(sample_images(n_images), spec)
     old, new = work / "siglip-old-int8.onnx", work / "siglip-new-int8-static.onnx"
-    if not (old.exists() and new.exists() and (work / "sig-ref.npy").exists()):
+    fused = work / "siglip-new-fp32.onnx"  # the fused graph before quantization, for OpenVINO
+    if not all(p.exists() for p in (old, new, fused, work / "sig-ref.npy")):
         model = transformers.SiglipVisionModel(vcfg).eval()
         _seed_weights(model, seed=1)
         with torch.no_grad():
             ref = model(pixel_values=torch.from_numpy(x)).pooler_output.numpy()
         np.save(work / "sig-x.npy", x)
         np.save(work / "sig-ref.npy", ref)
-        fp32 = graph.export_tower(model, "vision", work / "siglip-old-fp32.onnx")
-        graph.to_int8(fp32, old, external_data=False)
-        fp32.unlink()
-        calib = images_to_batch(calibration_images(None, n_calib)[0], spec)
-        mf.vision_static(model.vision_model, new, calib)
+        if not old.exists():
+            fp32 = graph.export_tower(model, "vision", work / "siglip-old-fp32.onnx")
+            graph.to_int8(fp32, old, external_data=False)
+            fp32.unlink()
+        if not new.exists():
+            calib = images_to_batch(calibration_images(None, n_calib)[0], spec)
+            mf.vision_static(model.vision_model, new, calib)
+        if not fused.exists():
+            mf.vision_fused_fp32(model.vision_model, fused)
         del model
     if build_only:
         return []
@@ -235,6 +240,8 @@ def medsiglip_table(
     for label, path, engine in (
         ("old (dynamic int8)", old, "ort-int8"),
         ("new (fused, static int8)", new, "ort-int8-static"),
+        ("fused fp32, OpenVINO bf16", fused, "ov-bf16"),
+        ("fused fp32, OpenVINO fp32", fused, "ov-fp32"),
     ):
         for batch in (1, 8):
             row = _spawn(engine, path, work, threads, runs, batch, tag="sig")

@@ -1,6 +1,7 @@
 """The `full` twins' bundle the runtime benchmarks measure, built on demand and cached.
 
-    twin medgemma --size full → export medgemma (Q4_K_M, Q4_0, Q8_0; mmproj f16; vision ONNX int8)
+    twin medgemma --size full → export medgemma (Q4_K_M, Q4_0, Q8_0; mmproj f16; vision ONNX int8,
+                                int8-static and fp32: the engines a device picks among, #20)
     twin medsiglip --size full → export medsiglip (int8) into the same bundle
 
 Everything goes through the project's own CLI (the same code a user runs), once: later runs find
@@ -25,10 +26,9 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medgem
 TWINS = CACHE / "twins"
 BUNDLE = CACHE / "bench-full"
 QUANTS = ("Q4_K_M", "Q4_0", "Q8_0")
-NEEDED = {f"medgemma/text-{q}.gguf" for q in QUANTS} | {
-    "medgemma/mmproj-f16.gguf",
-    "medgemma/vision-int8.onnx",
-}
+VISION = ("int8", "int8-static", "fp32")  # dynamic int8 (the fallback), static QDQ, fp32 (OpenVINO bf16)
+NEEDED = {f"medgemma/text-{q}.gguf" for q in QUANTS} | {"medgemma/mmproj-f16.gguf"}
+NEEDED |= {f"medgemma/vision-{p}.onnx" for p in VISION}
 
 
 def _cli(*args: str) -> None:
@@ -77,15 +77,15 @@ def ensure(bundle: Path = BUNDLE) -> Path:
         print(f"building the full-twin MedGemma bundle in {bundle} (once; cached)", flush=True)
         _cli(
             "export", "medgemma", str(_twin("medgemma")), "-b", str(bundle),
-            "--quant", ",".join(QUANTS), "--mmproj", "f16", "--vision-onnx", "int8", "--no-fidelity",
+            "--quant", ",".join(QUANTS), "--mmproj", "f16", "--vision-onnx", ",".join(VISION), "--no-fidelity",
         )  # fmt: skip
         have = _has(bundle)
-    if not _vision_is_current(bundle):
-        print("re-exporting the vision ONNX graph (made before the MultiHeadAttention rewrite)", flush=True)
+    if not _vision_is_current(bundle) or not NEEDED <= have:
+        print(f"re-exporting the vision ONNX graphs ({', '.join(VISION)}): missing or unfused", flush=True)
         t0 = time.perf_counter()
         from export.onnx.medgemma_vision import export_vision_onnx
 
-        export_vision_onnx(_twin("medgemma"), bundle=bundle, precisions="int8")
+        export_vision_onnx(_twin("medgemma"), bundle=bundle, precisions=",".join(VISION))
         print(f"    done in {time.perf_counter() - t0:.0f} s", flush=True)
     if not any(p.startswith("medsiglip/") for p in have):
         print(f"adding the full-twin MedSigLIP (int8) to {bundle} (once; cached)", flush=True)
