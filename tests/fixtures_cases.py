@@ -41,7 +41,8 @@ def int8_encoder(medsiglip_bundle):
 def fp32_encoder(medsiglip_bundle):
     from edge.medsiglip.model import MedSigLIP
 
-    return MedSigLIP(medsiglip_bundle, precision="fp32", threads=2)
+    # onnxruntime: the exact fp32 path (OpenVINO's bf16 compute, auto on bf16-class CPUs, has tests of its own)
+    return MedSigLIP(medsiglip_bundle, precision="fp32", threads=2, engine="onnxruntime")
 
 
 @pytest.fixture(scope="session")

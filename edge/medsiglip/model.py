@@ -1,4 +1,5 @@
-"""MedSigLIP on the device: batched image/text embeddings and zero-shot scores, onnxruntime only.
+"""MedSigLIP on the device: batched image/text embeddings and zero-shot scores (onnxruntime; the
+vision tower on OpenVINO where that is faster, see ``engine``).
 
 Builds on :mod:`edge.medsiglip.onnx_towers` (which verifies each tower file and opens its onnxruntime session)
 and :mod:`edge.medsiglip.preprocess` (the bundle's own resize/normalize spec and tokenizer):
@@ -18,7 +19,12 @@ Dynamic int8 graphs quantize activations per tensor, over the whole batch, so an
 embedding shifts slightly with the images that share its batch. The default vision batch for
 int8 is therefore 1 (embeddings independent of batching, as the export's fidelity was measured);
 fp32/fp16 and ``int8-static`` (fused attention, activation scales fixed at export: a batch gives
-batch-1 results up to float rounding) batch by default. ``benchmarks/bench_encoders.py`` measures
+batch-1 results up to float rounding) batch by default.
+
+``engine`` (:class:`~edge.medsiglip.settings.MedSigLIPSettings`): an fp32 vision tower runs on
+OpenVINO with bf16 compute where the CPU has AVX512-BF16/AMX and OpenVINO is installed (the
+``openvino`` extra), else on onnxruntime; the file and so the embedding space (``fingerprint``) are
+the same either way. A device without OpenVINO falls back with one log line. ``benchmarks/bench_encoders.py`` measures
 what batching buys.
 """
 
@@ -128,6 +134,9 @@ class MedSigLIP:
         if unknown or not towers:
             raise UsageError(f"towers must be some of vision, text (got {', '.join(towers) or 'none'})")
         self.threads = self.settings.threads
+        # OpenVINO or onnxruntime for the vision tower (same embedding space: same file and precision)
+        ov = comp.get("fidelity", {}).get(self.precision, {}).get("vision_openvino") or {}
+        self.engine = onnx_towers.vision_engine(self.precision, self.settings.engine, ov.get("cosine_min"))
         self.towers = tuple(towers)
         self.dim = int(comp["embedding_dim"])
         self.logit_scale = float(comp["logit_scale"])
@@ -156,14 +165,21 @@ class MedSigLIP:
         with self._lock:
             if tower not in self._sessions:
                 t0 = time.perf_counter()
-                self._sessions[tower] = onnx_towers.load_session(
-                    self.bundle, tower, self.precision, threads=self.threads
+                engine = self.engine if tower == "vision" else "onnxruntime"
+                sess = onnx_towers.load_session(
+                    self.bundle, tower, self.precision, threads=self.threads, engine=engine
                 )
+                if tower == "vision":
+                    self.engine = (
+                        "openvino" if isinstance(sess, onnx_towers.OpenVINOSession) else "onnxruntime"
+                    )
+                self._sessions[tower] = sess
                 log.info(
-                    "medsiglip %s-%s session ready in %.2fs (threads=%s)",
+                    "medsiglip %s-%s session ready in %.2fs (%s, threads=%s)",
                     tower,
                     self.precision,
                     time.perf_counter() - t0,
+                    engine if tower != "vision" else self.engine,
                     self.threads,
                 )
             return self._sessions[tower]

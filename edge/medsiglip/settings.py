@@ -16,6 +16,13 @@ class MedSigLIPSettings:
         "which towers of the bundle (int8, fp16, fp32); default: the bundle's",
     )
     threads: int | None = setting(None, "onnxruntime threads (default: all cores)", minimum=1, maximum=1024)
+    engine: str = setting(
+        "auto",
+        "what runs the vision tower: onnxruntime, or openvino (fp32 towers, bf16 compute); auto: "
+        "openvino for fp32 towers where the CPU has AVX512-BF16/AMX and OpenVINO is installed",
+        choices=("auto", "onnxruntime", "openvino"),
+        remote=False,
+    )
 
     def __post_init__(self) -> None:
         check(self)

@@ -184,6 +184,26 @@ def _ort_run(path: Path, name: str, x: np.ndarray, threads: int | None = None) -
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
+def _openvino_fidelity(path: Path, pixels: np.ndarray, ref: dict, threads: int | None) -> dict | None:
+    """The fp32 vision tower on OpenVINO with bf16 compute (what :mod:`edge.medsiglip` runs where
+    the CPU has AVX512-BF16/AMX) against the reference; None without OpenVINO. On a CPU without
+    native bf16 OpenVINO computes in fp32, and the figure says which."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    from edge.device import accel
+
+    runner = accel.open_runner(path, "openvino", threads=threads, hint="bf16")
+    outs = [
+        runner.run({"pixel_values": pixels[i : i + FIDELITY_BATCH]})
+        for i in range(0, len(pixels), FIDELITY_BATCH)
+    ]
+    got = np.concatenate([o[runner.outputs.index("image_embeds")] for o in outs])
+    compute = "bf16" if accel.cpu_class() == "bf16" else "fp32"
+    return {**fid.compare(ref["image_embeds"], got), "engine": "openvino", "compute": compute}
+
+
 def _ram_estimate(weight_bytes: int, cfg: dict, tower: str) -> int:
     """Rough resident memory for batch 1: weights + activations of eager attention."""
     c = cfg[f"{tower}_config"]
@@ -365,6 +385,12 @@ def export_medsiglip(
                     ref["image_embeds"], got_img["image_embeds"], ref_labels, ref_labels, scale, bias
                 ),
             }
+            if prec == "fp32" and (
+                ov := _openvino_fidelity(w.path(f"{COMPONENT}/vision-fp32.onnx"), pixels, ref, threads)
+            ):
+                fidelity[prec]["vision_openvino"] = (
+                    ov  # the device runs this file on OpenVINO when it meets the bar
+                )
             log.info("fidelity %s: %s", prec, json.dumps(fidelity[prec]))
             end(f"fidelity-{prec}", t0)
 
