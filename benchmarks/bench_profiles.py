@@ -7,8 +7,8 @@ own. Printed:
    estimate must be within 10%), the phone bound (text generation peak ≤ file + KV + 0.7 GB),
    speeds and image latencies.
 2. The image path against its baseline measured in the same run: llama.cpp's mmproj f16
-   (the path before the ONNX encoder) vs the ONNX int8 encoder; a follow-up question with the KV
-   cache reused vs re-decoding the image from the embedding cache.
+   (the path before the ONNX encoder) vs the ONNX encoder on the engine the device picks; a
+   follow-up question with the KV cache reused vs re-decoding the image from the embedding cache.
 3. The image encoders alone, each in its own process: peak RSS of encoding one 896 px image.
 4. With a MedGemma 27B bundle as well (``--bundle-27b B`` or $MEDGEMMA_EDGE_BUNDLE_27B: an export or
    an import of the real 27B; a full-size 27B twin is 54 GB, out of reach here): 4B and 27B side
@@ -119,7 +119,7 @@ def main() -> int:
     head = (
         f"{'profile':<22}{'quant':<8}{'encoder':<8}{'ctx':>6} {'kv':<5}{'repack':<7}{'swa':<6}"
         f"{'estimate':>9}{'peak RSS':>9}{'error':>7}{'text peak':>10}{'bound':>8}"
-        f"{'gen t/s':>8}{'cold':>7}{'follow':>8}"
+        f"{'gen t/s':>8}  {'engine':<16}{'encode':>7}{'cold':>7}{'prepared':>9}{'follow':>8}"
     )
     print(head + "\n" + "-" * len(head))
     for n, r in runs.items():
@@ -131,10 +131,13 @@ def main() -> int:
             f"{n:<22}{r['quant']:<8}{enc:<8}{r['n_ctx']:>6} {r['kv_type']:<5}{str(r['repack']):<7}"
             f"{str(r['swa_full']):<6}{est / GIB:>8.2f}G{peak / GIB:>8.2f}G{(est - peak) / peak * 100:>+6.1f}%"
             f"{r['peak_rss_text_bytes'] / GIB:>9.2f}G{bound / GIB:>7.2f}G"
-            f"{r['generation_tps']:>8.1f}{r['ttft_image_cold_s']:>6.1f}s{r['ttft_image_followup_s']:>7.2f}s"
+            f"{r['generation_tps']:>8.1f}  {r.get('image_engine', '?'):<16}{r['image_encode_s']:>6.1f}s"
+            f"{r['ttft_image_cold_s']:>6.1f}s{r['ttft_image_prepared_s']:>8.2f}s{r['ttft_image_followup_s']:>7.2f}s"
         )
     print(
-        "estimate error = (estimate - peak) / peak; bound = file + KV + 0.7 GB (the phone target for 'text peak')"
+        "estimate error = (estimate - peak) / peak; bound = file + KV + 0.7 GB (the phone target for 'text peak');\n"
+        "engine/encode: the image encoder engine the profile ran and its time on one 896 px image; cold / prepared /\n"
+        "follow: first token of an image question cold, after prepare_image, and of a follow-up (KV reused)"
     )
 
     base_name = "laptop-8GB" if "laptop-8GB" in runs else names[0]
@@ -150,7 +153,7 @@ def main() -> int:
         ("first token after prepare_image (s)", mm["ttft_image_prepared_s"], ox["ttft_image_prepared_s"]),
         ("peak RSS (GiB)", mm["peak_rss_bytes"] / GIB, ox["peak_rss_bytes"] / GIB),
     ]  # fmt: skip
-    print(f"{'':<50}{'mmproj f16':>12}{'ONNX int8':>12}{'ratio':>8}")
+    print(f"{'':<50}{'mmproj f16':>12}{ox.get('image_engine', 'ONNX'):>12}{'ratio':>8}")
     for label, b, x in rows:
         print(f"{label:<50}{b:>12.2f}{x:>12.2f}{b / x:>7.2f}x")
     print(

@@ -184,6 +184,7 @@ def _image_figures(model, opts) -> dict:
         "followup_reused_tokens": follow["kv_reused_tokens"],
         "ttft_image_new_question_s": again["ttft_s"],
         "ttft_image_cached_s": cached["ttft_s"],
+        "image_engine": getattr(model.encoder, "engine", None) or "mmproj",  # which engine ran the encoder
     }
 
 
@@ -195,7 +196,11 @@ def _medsiglip_figures(bundle, threads: int) -> dict:
     sig.embed_images([img])  # warm-up: session initialisation
     t0 = time.perf_counter()
     sig.embed_images([img])
-    return {"medsiglip_encode_s": time.perf_counter() - t0, "medsiglip_precision": sig.precision}
+    return {
+        "medsiglip_encode_s": time.perf_counter() - t0,
+        "medsiglip_precision": sig.precision,
+        "medsiglip_engine": sig.engine,
+    }
 
 
 def quick_calibration(bundle, *, threads: int) -> dict:
