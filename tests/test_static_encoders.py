@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import sys
 
@@ -147,6 +148,37 @@ def test_missing_accelerator_falls_back_to_the_cpu(engines_bundle, engine, caplo
     assert enc.engine == engine and enc.runner.device in ("CPU", "CPUExecutionProvider")
     assert [r for r in caplog.records if "running on the CPU" in r.getMessage()]
     assert np.allclose(got, cpu, atol=1e-5)
+
+
+def test_large_openvino_graphs_compile_once_into_a_bounded_cache(engines_bundle, tmp_path, monkeypatch):
+    """OpenVINO's compiled blob is cached for large graphs (the tiny twin's counts as large here)
+    and reused by the next open with the same outputs; at most OV_CACHE_KEEP blobs are kept."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(accel, "OV_CACHE_MIN_BYTES", 0)
+    cache = tmp_path / "cache" / "medgemma-edge" / "openvino"
+    cache.mkdir(parents=True)
+    for i in range(accel.OV_CACHE_KEEP + 2):  # older blobs of other graphs
+        old = cache / f"old{i}.blob"
+        old.write_bytes(b"x")
+        os.utime(old, (1_000_000 + i, 1_000_000 + i))
+    path = open_bundle(engines_bundle).path(
+        open_bundle(engines_bundle).file("medgemma", "vision-onnx", precision="fp32")
+    )
+    first = accel.open_runner(path, "openvino", threads=1, hint="f32").run({"pixel_values": _pixels()})[0]
+    blobs = sorted(p.name for p in cache.glob("*.blob"))
+    assert len(blobs) == accel.OV_CACHE_KEEP and any(not b.startswith("old") for b in blobs)
+    assert (
+        "old0.blob" not in blobs and "old1.blob" not in blobs and "old2.blob" not in blobs
+    )  # oldest removed
+    again = accel.open_runner(path, "openvino", threads=1, hint="f32").run({"pixel_values": _pixels()})[0]
+    np.testing.assert_array_equal(first, again)
+    monkeypatch.setenv(accel.OV_CACHE_ENV, "0")
+    assert not accel._ov_cacheable(path, "CPU")
+    monkeypatch.setattr(accel, "OV_CACHE_MIN_BYTES", 64 << 20)
+    monkeypatch.delenv(accel.OV_CACHE_ENV)
+    assert not accel._ov_cacheable(path, "CPU") and accel._ov_cacheable(
+        path, "GPU.0"
+    )  # small: compiled each time
 
 
 def test_openvino_device_choice_falls_back(monkeypatch, caplog):

@@ -22,10 +22,11 @@ fp32/fp16 and ``int8-static`` (fused attention, activation scales fixed at expor
 batch-1 results up to float rounding) batch by default.
 
 ``engine`` (:class:`~edge.medsiglip.settings.MedSigLIPSettings`): an fp32 vision tower runs on
-OpenVINO with bf16 compute where the CPU has AVX512-BF16/AMX and OpenVINO is installed (the
-``openvino`` extra), else on onnxruntime; the file and so the embedding space (``fingerprint``) are
-the same either way. A device without OpenVINO falls back with one log line. ``benchmarks/bench_encoders.py`` measures
-what batching buys.
+OpenVINO with bf16 compute where the export measured it within the fidelity bar, the CPU has
+AVX512-BF16/AMX and OpenVINO is installed (the ``openvino`` extra), else on onnxruntime; the file
+and so the embedding space (``fingerprint``) are the same either way. A device without OpenVINO
+falls back with one log line. ``benchmarks/bench_encoders.py`` measures what batching and each
+engine buy.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""MedSigLIP on the device through onnxruntime (minimal: sessions, embeddings, zero-shot).
+"""MedSigLIP on the device through onnxruntime, the vision tower optionally through OpenVINO
+(minimal: sessions, embeddings, zero-shot).
 
 Everything here reads the bundle only: the ONNX towers, ``preprocess.json``, the SentencePiece
 model and the precomputed label embeddings. No torch, no transformers, no onnx package.
