@@ -21,6 +21,7 @@ from PIL import Image
 
 from edge.bundle.manifest import open_bundle
 from edge.device import accel, encoders
+from edge.medgemma import loading
 from edge.medgemma.model import GenerateOptions, MedGemma
 from edge.medgemma.vision import OnnxImageEncoder, calibrate
 from edge.media.images import load_image
@@ -179,6 +180,27 @@ def test_large_openvino_graphs_compile_once_into_a_bounded_cache(engines_bundle,
     assert not accel._ov_cacheable(path, "CPU") and accel._ov_cacheable(
         path, "GPU.0"
     )  # small: compiled each time
+
+
+@pytest.mark.parametrize("engine", ["ov-bf16", "ort-int8"])
+def test_the_memory_estimate_counts_the_file_and_runtime_the_plan_runs(engines_bundle, engine):
+    """The estimate's image-encoder term is that of the engine the plan puts first (the fp32 file
+    held twice over by OpenVINO for ov-bf16), not of the int8 file the loader started from."""
+    from edge.device import resources
+
+    b = open_bundle(engines_bundle)
+    with MedGemma(b, n_ctx=256, image_encoder="onnx", image_engine=engine) as m:
+        entry, runtime = m.encoder.entry, m.encoder.plan[0][0].runtime
+        assert m.encoder.plan[0][0].name == engine
+        want = resources.encoder_bytes(
+            b.path(entry), patches=loading.image_patches(b.component("medgemma"), entry), runtime=runtime
+        )
+        assert m.memory_estimate.projector == want
+    fp32 = b.path(b.file("medgemma", "vision-onnx", precision="fp32"))
+    assert (
+        resources.encoder_bytes(fp32, runtime="openvino") - resources.encoder_bytes(fp32)
+        == int(fp32.stat().st_size * 1.7) - fp32.stat().st_size
+    )
 
 
 def test_openvino_device_choice_falls_back(monkeypatch, caplog):

@@ -176,13 +176,24 @@ def kv_cache_bytes(header: GGUFHeader, n_ctx: int, kv_type: str = "f16", swa_ful
 # int8 graph with flash attention adds 0.69 GB over its file (36 rows), llama.cpp's mmproj with
 # flash attention 0.18 GB (10 rows). See benchmarks/bench_profiles.py, "image encoders alone".
 _ENCODER_ROWS = {"onnx": 36, "mmproj": 10}
+# OpenVINO keeps the graph it read beside the compiled one (bf16 weights for the bf16 hint): the
+# fp32 graph on ov-bf16 peaked at 3.40 GiB alone for a 1.68 GB file (benchmarks/bench_encoders.py,
+# full-size twin, AMX Xeon), i.e. ~1.7x the file besides the activations; onnxruntime maps 1x.
+_WEIGHT_COPIES = {"onnxruntime": 1.0, "openvino": 1.7}
 
 
-def encoder_bytes(path: Path, *, patches: int = 4096, hidden: int = 1152) -> int:
-    """Peak memory of an image encoder while it encodes one image: its file (weights) plus
-    activations (see _ENCODER_ROWS)."""
-    kind = "onnx" if path.suffix == ".onnx" else "mmproj"
-    return encoder_peak(path.stat().st_size, kind, patches=patches, hidden=hidden)
+def encoder_bytes(
+    path: Path, *, patches: int = 4096, hidden: int = 1152, runtime: str = "onnxruntime"
+) -> int:
+    """Peak memory of an image encoder while it encodes one image: its file (weights, as many
+    copies as ``runtime`` holds) plus activations (see _ENCODER_ROWS). An OpenVINO IR (.xml)
+    counts its .bin."""
+    kind = "mmproj" if path.suffix == ".gguf" else "onnx"
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").exists():
+        size += path.with_suffix(".bin").stat().st_size
+    size = int(size * _WEIGHT_COPIES.get(runtime, 1.0))
+    return encoder_peak(size, kind, patches=patches, hidden=hidden)
 
 
 def encoder_peak(file_bytes: int, kind: str, *, patches: int = 4096, hidden: int = 1152) -> int:
@@ -201,6 +212,7 @@ def estimate(
     repack: bool = True,
     swa_full: bool = True,
     image_patches: int = 4096,
+    encoder_runtime: str = "onnxruntime",
 ) -> MemoryEstimate:
     """Peak RSS estimate of a loaded model answering about an image.
 
@@ -212,7 +224,9 @@ def estimate(
     return estimate_sizes(
         header,
         weights=text.stat().st_size,
-        encoder=encoder_bytes(encoder, patches=image_patches) if encoder is not None else 0,
+        encoder=encoder_bytes(encoder, patches=image_patches, runtime=encoder_runtime)
+        if encoder is not None
+        else 0,
         n_ctx=n_ctx,
         kv_type=kv_type,
         n_batch=n_batch,

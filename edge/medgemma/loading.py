@@ -84,8 +84,11 @@ def check_memory(
     encoder_entry: dict | None,
     header,
     settings: MedGemmaSettings,
+    *,
+    encoder_runtime: str = "onnxruntime",
 ) -> resources.MemoryEstimate:
-    """The memory the model needs with these settings.
+    """The memory the model needs with these settings (``encoder_entry`` run by
+    ``encoder_runtime``: the file and runtime the image encoder's plan puts first).
 
     Raises:
         ResourceError: the estimate exceeds free memory (unless ``settings.check_memory`` is off).
@@ -96,6 +99,7 @@ def check_memory(
         header,
         encoder=bundle.path(encoder_entry) if encoder_entry else None,
         image_patches=image_patches(comp, encoder_entry),
+        encoder_runtime=encoder_runtime,
         n_ctx=s.n_ctx,
         kv_type=s.kv_type,
         repack=llama_binding.effective_repack(s.repack),
@@ -143,24 +147,41 @@ def load_text_model(path: Path, header, settings: MedGemmaSettings) -> tuple[Any
     return llama, n_ctx, n_threads
 
 
+def plan_onnx_encoder(
+    bundle: Bundle, entry: dict | None, settings: MedGemmaSettings
+) -> OnnxImageEncoder | None:
+    """The ONNX image encoder of ``entry``, its engine plan decided and nothing opened yet (so the
+    memory check can count the file and runtime it will use); None for an mmproj or no encoder."""
+    if entry is None or entry["role"] != "vision-onnx":
+        return None
+    s = settings
+    return OnnxImageEncoder(
+        bundle.path(entry),
+        entry,
+        threads=s.n_threads or os.cpu_count() or 1,
+        gpu=s.image_gpu,
+        keep=s.keep_encoder,
+        engine=s.image_engine,
+        bundle=bundle,
+    )
+
+
 def load_image_encoder(
-    bundle: Bundle, entry: dict | None, settings: MedGemmaSettings, *, llama, threads: int
+    bundle: Bundle,
+    entry: dict | None,
+    settings: MedGemmaSettings,
+    *,
+    llama,
+    threads: int,
+    planned: OnnxImageEncoder | None = None,
 ) -> OnnxImageEncoder | MmprojImageEncoder | None:
-    """The image encoder of ``entry`` (the ONNX graph, or the mmproj over ``llama``'s model);
-    None without one."""
+    """The image encoder of ``entry`` (the ONNX graph — ``planned`` when given —, or the mmproj
+    over ``llama``'s model); None without one."""
     if entry is None:
         return None
     s, path = settings, bundle.path(entry)
     if entry["role"] == "vision-onnx":
-        return OnnxImageEncoder(
-            path,
-            entry,
-            threads=threads,
-            gpu=s.image_gpu,
-            keep=s.keep_encoder,
-            engine=s.image_engine,
-            bundle=bundle,
-        )
+        return planned or plan_onnx_encoder(bundle, entry, settings)
     return MmprojImageEncoder(
         path, entry, llama.model, threads=threads, flash_attn=s.flash_attn, gpu=s.gpu_layers != 0
     )
