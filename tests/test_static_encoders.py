@@ -203,6 +203,25 @@ def test_the_memory_estimate_counts_the_file_and_runtime_the_plan_runs(engines_b
     )
 
 
+def test_an_fp32_engine_that_does_not_fit_gives_way_to_an_int8_file(engines_bundle, monkeypatch, caplog):
+    from edge.device import resources
+
+    monkeypatch.setattr(accel, "cpu_class", lambda flags=None: "bf16")  # ov-bf16 (fp32 file) first
+    b = open_bundle(engines_bundle)
+    with MedGemma(b, n_ctx=256, image_encoder="onnx") as m:
+        assert m.encoder.plan[0][0].name == "ov-bf16"
+        heavy = m.memory_estimate.total
+    monkeypatch.setattr(resources, "available_memory", lambda: heavy - 1)
+    caplog.set_level(logging.INFO)
+    with MedGemma(b, n_ctx=256, image_encoder="onnx") as m:
+        assert m.encoder.plan[0][0].precision != "fp32" and m.memory_estimate.total < heavy
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+        pieces = list(m.stream(msgs, images=[_image()], options=GenerateOptions(max_tokens=2, stop=[])))
+        assert pieces[-1].usage["completion_tokens"] >= 1  # and it answers
+    lines = [r.getMessage() for r in caplog.records if "would not fit" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("image encoder: ov-bf16 would not fit")
+
+
 def test_openvino_device_choice_falls_back(monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     assert accel.openvino_device("CPU") == "CPU"

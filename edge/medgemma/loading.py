@@ -148,7 +148,7 @@ def load_text_model(path: Path, header, settings: MedGemmaSettings) -> tuple[Any
 
 
 def plan_onnx_encoder(
-    bundle: Bundle, entry: dict | None, settings: MedGemmaSettings
+    bundle: Bundle, entry: dict | None, settings: MedGemmaSettings, *, low_memory: bool | None = None
 ) -> OnnxImageEncoder | None:
     """The ONNX image encoder of ``entry``, its engine plan decided and nothing opened yet (so the
     memory check can count the file and runtime it will use); None for an mmproj or no encoder."""
@@ -163,7 +163,40 @@ def plan_onnx_encoder(
         keep=s.keep_encoder,
         engine=s.image_engine,
         bundle=bundle,
+        low_memory=low_memory,
     )
+
+
+def check_memory_with_encoder(
+    bundle: Bundle,
+    comp: dict,
+    text_entry: dict,
+    encoder_entry: dict | None,
+    header,
+    settings: MedGemmaSettings,
+) -> tuple[resources.MemoryEstimate, OnnxImageEncoder | None]:
+    """:func:`check_memory` for the image encoder's plan; when the plan's first engine holds fp32
+    weights and does not fit, the plan with int8 files first (one log line) before refusing."""
+    planned = plan_onnx_encoder(bundle, encoder_entry, settings)
+
+    def check(p):
+        entry = p.entry if p else encoder_entry
+        runtime = p.plan[0][0].runtime if p else "onnxruntime"
+        return check_memory(bundle, comp, text_entry, entry, header, settings, encoder_runtime=runtime)
+
+    try:
+        return check(planned), planned
+    except ResourceError:
+        if planned is None or planned.low_memory or planned.plan[0][0].precision != "fp32":
+            raise
+        lighter = plan_onnx_encoder(bundle, encoder_entry, settings, low_memory=True)
+        estimate = check(lighter)
+        log.info(
+            "image encoder: %s would not fit beside the model here; using %s",
+            planned.plan[0][0].name,
+            lighter.plan[0][0].name,
+        )
+        return estimate, lighter
 
 
 def load_image_encoder(

@@ -77,15 +77,8 @@ class MedGemma:
         text_entry, encoder_entry = loading.choose_files(self.bundle, comp, self.settings)
         text_path = self.bundle.path(text_entry)
         header = read_header(text_path)
-        planned = loading.plan_onnx_encoder(self.bundle, encoder_entry, self.settings)
-        self.memory_estimate = loading.check_memory(
-            self.bundle,
-            comp,
-            text_entry,
-            planned.entry if planned else encoder_entry,
-            header,
-            self.settings,
-            encoder_runtime=planned.plan[0][0].runtime if planned else "onnxruntime",
+        self.memory_estimate, planned = loading.check_memory_with_encoder(
+            self.bundle, comp, text_entry, encoder_entry, header, self.settings
         )
         self.llama, self.n_ctx, self.n_threads = loading.load_text_model(text_path, header, self.settings)
         self.n_embd = int(self.llama.n_embd())

@@ -62,6 +62,7 @@ class OnnxImageEncoder:
         keep: bool = True,
         engine: str = "auto",
         bundle=None,
+        low_memory: bool | None = None,
     ):
         from edge.medsiglip.preprocess import ImageSpec
 
@@ -69,6 +70,9 @@ class OnnxImageEncoder:
             raise UsageError(f"unknown image engine {engine!r} (auto, {', '.join(encoders.ENGINES)})")
         self.path, self.entry, self.threads, self.gpu, self.keep = path, entry, threads, gpu, keep
         self.requested = engine
+        # int8 files before fp32 ones (a quarter of the memory): the phone profiles, which give
+        # the encoder's memory back, and a device where the fp32 engine would not fit
+        self.low_memory = (not keep) if low_memory is None else low_memory
         self.bundle = bundle if bundle is not None else _bundle_of(path, entry)
         self.spec = ImageSpec.from_json(entry["preprocess"])
         self.n_tokens = int(entry["preprocess"].get("tokens", 256))
@@ -90,7 +94,7 @@ class OnnxImageEncoder:
             ROLES,
             fingerprint=self.fingerprint if self.bundle else None,
             preferred=first,
-            low_memory=not self.keep,  # the phone profiles give the encoder's memory back
+            low_memory=self.low_memory,
         )
         own = encoders.ENGINES[encoders.engine_for(self.given)]
         if not any(e.name == own.name for e, _ in cands):
