@@ -80,7 +80,7 @@ else:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
 enc.encode(img, n_embd)
-print(json.dumps({"encode_s": time.perf_counter() - t0,
+print(json.dumps({"encode_s": time.perf_counter() - t0, "engine": getattr(enc, "engine", None) or "mmproj",
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "before_bytes": base}))
 """
@@ -167,11 +167,14 @@ def main() -> int:
         )
 
     print("\n== image encoders alone, one 896 px image, own process ==", flush=True)
-    print(f"{'encoder':<28}{'encode':>9}{'peak RSS':>10}{'RSS before encoding':>21}{'encoding adds':>15}")
+    print(
+        f"{'encoder (engine the plan ran)':<36}{'encode':>9}{'peak RSS':>10}{'RSS before encoding':>21}{'encoding adds':>15}"
+    )
     for kind in ("mmproj-f16.gguf", "vision-int8.onnx"):
         e = encoder_alone(bundle, kind, a.threads)
+        label = f"{kind} ({e['engine']})" if e.get("engine") not in (None, "mmproj") else kind
         print(
-            f"{kind:<28}{e['encode_s']:>8.2f}s{e['peak_rss_bytes'] / GB:>8.2f}GB{e['before_bytes'] / GB:>19.2f}GB"
+            f"{label:<36}{e['encode_s']:>8.2f}s{e['peak_rss_bytes'] / GB:>8.2f}GB{e['before_bytes'] / GB:>19.2f}GB"
             f"{(e['peak_rss_bytes'] - e['before_bytes']) / GB:>13.2f}GB"
         )
     if a.bundle_27b:
