@@ -215,6 +215,12 @@ def test_import_archive_then_search_equals_exact_search(archive, int8_encoder, t
         assert np.mean(found) >= 0.95 and min(found) >= 0.8, found
         hits = idx.search(mat[0], k=5, where={"site": "north"})
         assert hits and all(h.metadata["site"] == "north" for h in hits)
+    # at the default threshold (50,000 cases) a set this size is searched exactly: the same top-k
+    with CaseIndex.open(tmp_path / "index", encoder=int8_encoder) as idx:
+        assert idx.ann_min_cases == ann.ANN_MIN_CASES > len(ids)
+        for q in mat[:8]:
+            want = [int(ids[i]) for i in np.argsort(-(mat @ q), kind="stable")[:10]]
+            assert [h.id for h in idx.search(q, k=10)] == want
 
 
 def test_an_archive_of_another_encoder_is_refused(archive, fp32_encoder, medsiglip_bundle, images, tmp_path):
