@@ -249,7 +249,10 @@ def build_encoder(
 
         xml, bin_ = quantize_nncf(fp32, out, calib)
         fid = _fidelity(xml, *ref, engine="ov-int8")
-        q = {"method": "NNCF post-training (min/max, transformer preset)", "compute": "bf16 where native"}
+        q = {
+            "method": "NNCF post-training (min/max, transformer preset, no SmoothQuant)",
+            "compute": "bf16 where native",
+        }
         return {"engine": "ov-int8", "quantization": q, "fidelity": fid}, [xml, bin_]
     raise UsageError(f"unknown vision precision {prec!r}")
 
