@@ -223,3 +223,24 @@ def test_classify_errors(int8_encoder):
     default = int8_encoder.classify(img)
     assert default.label_set == "cxr" and len(default.ranked) == len(LABEL_SETS["cxr"])
     assert [r.score for r in default.ranked] == sorted((r.score for r in default.ranked), reverse=True)
+
+
+def test_a_manifest_that_does_not_state_the_openvino_cosine_as_a_number_means_not_measured():
+    from edge.medsiglip.onnx_towers import recorded_openvino_cosine
+
+    for comp in (
+        {},
+        {"fidelity": []},
+        {"fidelity": {"fp32": "x"}},
+        {"fidelity": {"fp32": {"vision_openvino": 1}}},
+    ):
+        assert recorded_openvino_cosine(comp, "fp32") is None
+    for bad in ("0.9999", True, None, [0.9999]):
+        assert (
+            recorded_openvino_cosine({"fidelity": {"fp32": {"vision_openvino": {"cosine_min": bad}}}}, "fp32")
+            is None
+        )
+    assert (
+        recorded_openvino_cosine({"fidelity": {"fp32": {"vision_openvino": {"cosine_min": 0.9999}}}}, "fp32")
+        == 0.9999
+    )

@@ -136,8 +136,8 @@ class MedSigLIP:
             raise UsageError(f"towers must be some of vision, text (got {', '.join(towers) or 'none'})")
         self.threads = self.settings.threads
         # OpenVINO or onnxruntime for the vision tower (same embedding space: same file and precision)
-        ov = comp.get("fidelity", {}).get(self.precision, {}).get("vision_openvino") or {}
-        self.engine = onnx_towers.vision_engine(self.precision, self.settings.engine, ov.get("cosine_min"))
+        recorded = onnx_towers.recorded_openvino_cosine(comp, self.precision)
+        self.engine = onnx_towers.vision_engine(self.precision, self.settings.engine, recorded)
         self.towers = tuple(towers)
         self.dim = int(comp["embedding_dim"])
         self.logit_scale = float(comp["logit_scale"])

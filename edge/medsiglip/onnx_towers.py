@@ -114,6 +114,16 @@ def vision_engine(precision: str, engine: str = "auto", recorded: float | None =
     return "onnxruntime"
 
 
+def recorded_openvino_cosine(comp: dict, precision: str) -> float | None:
+    """The min cosine the export measured for ``precision``'s vision tower on OpenVINO (None: not
+    measured, or a manifest that doesn't say it as a number)."""
+    fidelity = comp.get("fidelity")
+    per = fidelity.get(precision) if isinstance(fidelity, dict) else None
+    ov = per.get("vision_openvino") if isinstance(per, dict) else None
+    value = ov.get("cosine_min") if isinstance(ov, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 class OpenVINOSession:
     """An OpenVINO-compiled tower behind onnxruntime's ``run(output_names, feeds)`` call (one
     infer request, so calls are serialized)."""
